@@ -1,0 +1,290 @@
+"""The ``automammo`` command line. Library errors become one line and exit code 2 here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) is noise to a CLI user.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from automammo import __version__
+from automammo.errors import AutomammoError
+
+
+class UserError(click.ClickException):
+    """A one-line error the user can fix: exit code 2, like click's usage errors."""
+
+    exit_code = 2
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AutomammoError as exc:
+            if _debug(ctx):
+                raise
+            raise UserError(str(exc)) from None
+
+
+def _debug(ctx) -> bool:
+    root = ctx.find_root()
+    return bool((root.obj or {}).get("debug")) or bool(os.environ.get("AUTOMAMMO_DEBUG"))
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="automammo")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """AutoML for mammography patches: search, stack, tune the threshold, export a bundle."""
+    ctx.obj = {"debug": debug}
+
+
+# -- plugins ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def plugins(as_json):
+    """List every builder, objective, meta-learner and importer, and where it comes from."""
+    from automammo import registry
+
+    tables = {kind: registry.registered(kind) for kind in registry.KINDS}
+    failures = registry.load_failures()
+    if as_json:
+        out = {kind: [{"name": r.name, "package": r.package, "module": r.module,
+                       "description": r.description} for r in table.values()]
+               for kind, table in tables.items()}
+        out["failures"] = [f.__dict__ for f in failures]
+        click.echo(json.dumps(out, indent=2))
+        return
+    from rich.table import Table
+
+    con = console()
+    for kind, table in tables.items():
+        t = Table(title=f"{kind}s ({len(table)})", title_justify="left", expand=False)
+        t.add_column("name", style="bold", no_wrap=True)
+        t.add_column("package", no_wrap=True)
+        t.add_column("description")
+        for r in sorted(table.values(), key=lambda r: r.name):
+            t.add_row(r.name, r.package, r.description)
+        con.print(t)
+    for f in failures:
+        console(stderr=True).print(f"[red]plugin failed to load[/red]: {f.package} ({f.where}): {f.error}")
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+class _DataGroup(_Group):
+    """``automammo data``: ``info`` plus one subcommand per registered importer."""
+
+    def _importer_commands(self):
+        from automammo import registry
+
+        return {name: imp.command for name, imp in registry.importers().items()}
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self._importer_commands()})
+
+    def get_command(self, ctx, name):
+        return super().get_command(ctx, name) or self._importer_commands().get(name)
+
+
+@cli.group(cls=_DataGroup)
+def data():
+    """Make, import and inspect datasets (dataset.npz)."""
+
+
+@data.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def info(path):
+    """Counts per split x class, per task, patients and image format of PATH."""
+    import numpy as np
+    from rich.table import Table
+
+    from automammo.dataset import LABEL_NAMES, load
+    from automammo.tasks import TASKS
+
+    ds = load(path)
+    con = console()
+    con.print(f"[bold]{path}[/bold]: {len(ds)} patches of {ds.image_shape[0]}x{ds.image_shape[1]} px, "
+              f"{ds.x.dtype}, values {int(ds.x.min())}-{int(ds.x.max())}; "
+              f"{int(np.sum(ds.pair >= 0) // 2)} lesion/baseline pairs; fingerprint {ds.fingerprint()[:12]}")
+    splits = [s for s in ("train", "test") if np.any(ds.split == s)]
+    t = Table(title="labels", title_justify="left")
+    t.add_column("label")
+    for s in splits:
+        t.add_column(s, justify="right")
+    for i, name in enumerate(LABEL_NAMES):
+        t.add_row(f"{i} {name}", *[str(int(np.sum((ds.label == i) & (ds.split == s)))) for s in splits])
+    t.add_row("patients", *[str(len(np.unique(ds.patient[ds.split == s]))) for s in splits], style="dim")
+    con.print(t)
+    t = Table(title="tasks", title_justify="left")
+    t.add_column("task")
+    t.add_column("class")
+    for s in splits:
+        t.add_column(s, justify="right")
+    for task in TASKS.values():
+        y = task.targets(ds.label)
+        for c, cname in enumerate(task.classes):
+            t.add_row(task.name if c == 0 else "", cname,
+                      *[str(int(np.sum((y == c) & (ds.split == s)))) for s in splits])
+    con.print(t)
+    if ds.meta:
+        con.print("metadata: " + ", ".join(f"{k} ({v.dtype})" for k, v in sorted(ds.meta.items())))
+
+
+# -- search ----------------------------------------------------------------------------------
+
+
+class RichReporter:
+    """Live progress of a search: trial i/N, epoch, best so far, elapsed."""
+
+    def __init__(self, con):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.con = con
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=con, transient=False)
+        self.trials_task = self.epoch_task = None
+        self.best = None
+        self.objective = ""
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def search_begin(self, run_dir, total, config, done):
+        self.objective = config.objective
+        self.con.print(f"run [bold]{run_dir}[/bold]: task {config.task}, objective {config.objective}, "
+                       f"tuner {config.tuner}, {total or 'hyperband'} trials x <= {config.epochs} epochs"
+                       + (f" ({done} already done)" if done else ""))
+        self.trials_task = self.progress.add_task("trials", total=total, completed=done)
+        self.epoch_task = self.progress.add_task("epochs", total=config.epochs)
+
+    def message(self, text):
+        self.con.print(f"[dim]{text}[/dim]")
+
+    def trial_begin(self, trial_id, builder, hp):
+        self.progress.reset(self.epoch_task, description=f"trial {trial_id} {builder}")
+
+    def epoch_end(self, epoch, epochs, logs):
+        value = logs.get(f"val_{self.objective}")
+        shown = f" val_{self.objective} {value:.3f}" if isinstance(value, float) else ""
+        self.progress.update(self.epoch_task, completed=epoch, total=epochs,
+                             description=f"{self.progress.tasks[self.epoch_task].description.split(' |')[0]} |{shown}")
+
+    def trial_end(self, record, best):
+        self.progress.advance(self.trials_task)
+        if record["status"] == "COMPLETED":
+            score = record.get("score")
+            msg = (f"trial {record['trial_id']} {record['builder']}: {self.objective} "
+                   f"{score:.4f} in {record['epochs']} epochs, {record['seconds']:.0f} s" if score is not None
+                   else f"trial {record['trial_id']} {record['builder']}: no score")
+        else:
+            msg = f"[red]trial {record['trial_id']} {record['builder']} failed[/red]: {record.get('error')}"
+        self.con.print(msg)
+        if best is not None:
+            self.progress.update(self.trials_task, description=f"trials (best {self.objective} {best['score']:.4f})")
+
+    def search_end(self, result):
+        pass
+
+
+@cli.command()
+@click.option("--data", "data_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="dataset.npz (default: the built-in digital phantom, generated once and cached).")
+@click.option("--task", default="benign-malignant", show_default=True, help="Question to answer (see `automammo data info`).")
+@click.option("--objective", default="auc", show_default=True, help="Objective to optimise (see `automammo plugins`).")
+@click.option("--builder", "builders", multiple=True, help="Model family to search (repeatable; default: every one that fits).")
+@click.option("--tuner", type=click.Choice(["random", "bayesian", "hyperband"]), default="random", show_default=True)
+@click.option("--trials", type=click.IntRange(1), default=None, help="Trials to run [default: 10].")
+@click.option("--epochs", type=click.IntRange(1), default=20, show_default=True, help="Maximum epochs per trial.")
+@click.option("--patience", type=click.IntRange(0), default=4, show_default=True, help="Early-stopping patience in epochs.")
+@click.option("--image-size", type=click.IntRange(8, 1024), default=None, help="Model input side in px [default: the data's].")
+@click.option("--val-fraction", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--contrast-stretch/--no-contrast-stretch", default=False, show_default=True,
+              help="Stretch each patch's 2nd-98th percentile to the full range.")
+@click.option("--symmetries/--no-symmetries", default=True, show_default=True,
+              help="Augment with the 8 exact symmetries (rot90 x flip).")
+@click.option("--rotation", type=click.FloatRange(0, 180), default=0.0, help="Free rotation range, degrees.")
+@click.option("--shift", type=click.FloatRange(0, 0.5), default=0.0, help="Shift range, fraction of the side.")
+@click.option("--zoom", type=click.FloatRange(0, 0.5), default=0.0, help="Zoom range, fraction.")
+@click.option("--weights", default="imagenet", show_default=True, help="Pretrained weights: imagenet, none or a file.")
+@click.option("--weights-dir", envvar="AUTOMAMMO_WEIGHTS_DIR", type=click.Path(file_okay=False),
+              help="Directory of Keras weight files [env AUTOMAMMO_WEIGHTS_DIR].")
+@click.option("--keep-models", type=click.IntRange(1), default=10, show_default=True, help="Keep the models of the best K trials.")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory [default: runs/TASK-OBJECTIVE-TIME].")
+@click.option("--resume", is_flag=True, help="Continue the search in --run where it stopped.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@click.option("--tensorboard/--no-tensorboard", default=True, show_default=True, help="Log each trial for TensorBoard.")
+def search(data_path, task, objective, builders, tuner, trials, epochs, patience, image_size, val_fraction,
+           seed, contrast_stretch, symmetries, rotation, shift, zoom, weights, weights_dir, keep_models,
+           run_dir, resume, overwrite, tensorboard):
+    """Search model families and hyperparameters for TASK, scored by OBJECTIVE."""
+    from automammo.search import SearchConfig, run_search
+
+    if resume and run_dir is None:
+        raise UserError("--resume needs --run DIR (the run to continue)")
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other")
+    config = SearchConfig(
+        task=task, objective=objective, data=str(data_path) if data_path else None, builders=list(builders),
+        tuner=tuner, trials=trials or 10, epochs=epochs, patience=patience, image_size=image_size,
+        seed=seed, val_fraction=val_fraction, contrast_stretch=contrast_stretch,
+        augmentation={"symmetries": symmetries, "rotation": rotation, "shift": shift, "zoom": zoom},
+        weights=weights, weights_dir=weights_dir, keep_models=keep_models, tensorboard=tensorboard,
+    )
+    if run_dir is None:
+        run_dir = Path("runs") / f"{task}-{objective}-{time.strftime('%Y%m%d-%H%M%S')}"
+    con = console()
+    started = time.time()
+    try:
+        with RichReporter(con) as reporter:
+            result = run_search(config if not resume else (config if trials else None), run_dir,
+                                resume=resume, overwrite=overwrite, reporter=reporter)
+    except KeyboardInterrupt:
+        con.print(f"\n[yellow]interrupted[/yellow]: finished trials are kept; continue with\n"
+                  f"  automammo search --run {run_dir} --resume")
+        sys.exit(130)
+    if result.stopped:
+        con.print(f"[red]{result.stopped}[/red]")
+    best = result.best
+    done = sum(t["status"] == "COMPLETED" for t in result.trials)
+    con.print(f"{done}/{len(result.trials)} trials completed in {time.time() - started:.0f} s")
+    if best:
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(best["metrics"].items())
+                            if v is not None and not k.endswith("_threshold") and not k.endswith("_best"))
+        con.print(f"[bold green]best[/bold green] trial {best['trial_id']} ({best['builder']}): "
+                  f"{best['objective']} {best['score']:.4f} on validation; {metrics}")
+        con.print(f"model: {Path(result.run_dir) / 'best.keras'}")
+    if result.stopped:
+        sys.exit(1)
+
+
+def main(argv=None):
+    """Console-script entry point."""
+    return cli.main(args=argv, prog_name="automammo")
+
+
+if __name__ == "__main__":
+    main()

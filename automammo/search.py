@@ -1,0 +1,490 @@
+"""The search: Keras Tuner over every chosen builder, scored by the chosen objective.
+
+``run_search(config, run_dir)`` prepares the data once (task view, patient-grouped
+stratified fit/validation split of ``train``, preprocessing), then lets a Keras Tuner
+oracle (random, Bayesian or Hyperband) pick builders and hyperparameters. Every trial
+trains with early stopping on the objective's validation value and restores its best
+epoch; its model, validation predictions and one line of ``trials.jsonl`` are written as
+soon as it ends, so a killed search loses at most the trial under way.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from automammo import __version__, registry
+from automammo.atomic import append_line, atomic_path, write_json
+from automammo.builders import BuildContext, Builder, BuilderChoice, builder_hyperparameters
+from automammo.dataset import Dataset
+from automammo.dataset import load as load_dataset
+from automammo.errors import AutomammoError, DataError, RunError
+from automammo.objectives import applicable
+from automammo.preprocess import Augmentation, Preprocessing, TrialData, bit_depth_scale
+from automammo.runs import Run
+from automammo.splits import fit_validation_split
+from automammo.tasks import Task, check_classes, get_task
+
+TUNERS = ("random", "bayesian", "hyperband")
+
+
+@dataclass
+class SearchConfig:
+    """Every option of a search; written to ``config.json`` and read back on resume."""
+
+    task: str = "benign-malignant"
+    objective: str = "auc"
+    data: str | None = None
+    builders: list[str] = field(default_factory=list)
+    tuner: str = "random"
+    trials: int = 10
+    epochs: int = 20
+    patience: int = 4
+    image_size: int | None = None
+    seed: int = 0
+    val_fraction: float = 0.2
+    contrast_stretch: bool = False
+    augmentation: dict = field(default_factory=lambda: Augmentation().to_dict())
+    weights: str = "imagenet"
+    weights_dir: str | None = None
+    keep_models: int = 10
+    max_consecutive_failures: int = 3
+    tensorboard: bool = True
+    phantom: dict = field(default_factory=lambda: {"n_lesions": 400, "size": 64, "difficulty": 0.5, "seed": 0})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class Reporter:
+    """Receives progress; the CLI's rich display implements it. Every method is optional."""
+
+    def search_begin(self, run_dir: Path, total_trials: int | None, config: SearchConfig, done: int) -> None: ...
+    def message(self, text: str) -> None: ...
+    def trial_begin(self, trial_id: str, builder: str, hyperparameters: dict) -> None: ...
+    def epoch_end(self, epoch: int, epochs: int, logs: dict) -> None: ...
+    def trial_end(self, record: dict, best: dict | None) -> None: ...
+    def search_end(self, result: "SearchResult") -> None: ...
+
+
+@dataclass
+class SearchResult:
+    run_dir: Path
+    best: dict | None
+    trials: list[dict]
+    stopped: str = ""
+
+
+# -- data --------------------------------------------------------------------------
+
+
+def phantom_path(params: dict) -> Path:
+    """Where the default phantom is cached (``AUTOMAMMO_CACHE`` or ~/.cache/automammo)."""
+    root = Path(os.environ.get("AUTOMAMMO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "automammo")
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return root / f"phantom-{key}.npz"
+
+
+def resolve_data(config: SearchConfig, reporter: Reporter) -> tuple[Dataset, str]:
+    """The dataset of a search: the user's file, or the phantom generated once and cached."""
+    if config.data:
+        return load_dataset(config.data), str(config.data)
+    path = phantom_path(config.phantom)
+    if not path.exists():
+        from automammo.phantom import synthesize
+
+        reporter.message(f"generating the digital phantom once: {path}")
+        synthesize(**config.phantom).save(path)
+    return load_dataset(path), str(path)
+
+
+@dataclass
+class PreparedData:
+    task: Task
+    trial_data: TrialData
+    preprocessing: Preprocessing
+    fit_rows: np.ndarray
+    val_rows: np.ndarray
+    source: str
+    fingerprint: str
+
+
+def prepare_data(ds: Dataset, task: Task, config: SearchConfig, source: str, need_pairs: bool) -> PreparedData:
+    rows = task.indices(ds, "train")
+    if rows.size == 0:
+        raise DataError(f"{source}: no training samples for task {task.name}")
+    y = task.targets(ds.label[rows])
+    check_classes(task, y, "train", source)
+    fit_pos, val_pos = fit_validation_split(y, ds.patient[rows], config.val_fraction, config.seed)
+    fit_rows, val_rows = rows[fit_pos], rows[val_pos]
+    check_classes(task, y[fit_pos], "the fit part of train", source)
+    check_classes(task, y[val_pos], "the validation part of train", source)
+    size = int(config.image_size or max(ds.image_shape))
+    prep = Preprocessing(size, bit_depth_scale(ds.x), config.contrast_stretch)
+    b_fit = b_val = None
+    if task.lesions_only:
+        partners = ds.pair[rows]
+        if np.all(partners >= 0):
+            b_fit, b_val = prep.apply(ds.x[ds.pair[fit_rows]]), prep.apply(ds.x[ds.pair[val_rows]])
+        elif need_pairs:
+            missing = int(np.sum(partners < 0))
+            raise DataError(
+                f"{source}: {missing} of {len(rows)} training lesions of task {task.name} have no "
+                "baseline partner (pair == -1); pair builders need one for every lesion"
+            )
+    elif need_pairs:
+        raise DataError(f"task {task.name} classifies baselines themselves; pair builders do not apply")
+    data = TrialData(
+        prep.apply(ds.x[fit_rows]), task.targets(ds.label[fit_rows]),
+        prep.apply(ds.x[val_rows]), task.targets(ds.label[val_rows]),
+        task.n_classes, Augmentation(**config.augmentation), b_fit, b_val, config.seed,
+    )
+    return PreparedData(task, data, prep, fit_rows, val_rows, source, ds.fingerprint())
+
+
+# -- builders and objectives ----------------------------------------------------------
+
+
+def choose_builders(config: SearchConfig, context: BuildContext, task: Task, has_pairs: bool,
+                    reporter: Reporter) -> dict[str, Builder]:
+    """Instantiate the requested builders, or by default every one that fits the task."""
+    table = registry.builders()
+    explicit = bool(config.builders)
+    names = list(config.builders) if explicit else sorted(table)
+    chosen: dict[str, Builder] = {}
+    for name in names:
+        cls = registry.get("builder", name)
+        reason = None
+        if cls.inputs == "pair" and not task.lesions_only:
+            reason = f"takes a lesion+baseline pair, but task {task.name} classifies baselines"
+        elif cls.inputs == "pair" and not has_pairs:
+            reason = "takes a lesion+baseline pair, but the data has lesions without a baseline"
+        elif context.image_size < cls.min_image_size:
+            reason = f"needs images of at least {cls.min_image_size} px (--image-size {context.image_size})"
+        else:
+            check = getattr(cls, "unavailable", None)
+            reason = check(context) if callable(check) else None
+        if reason:
+            if explicit:
+                raise AutomammoError(f"builder {name} cannot run: {reason}")
+            reporter.message(f"skipping builder {name}: {reason}")
+            continue
+        chosen[name] = cls(context)
+    if not chosen:
+        raise AutomammoError(f"no builder fits task {task.name}; known: {', '.join(sorted(table))}")
+    return chosen
+
+
+def objectives_for(task: Task, primary: str):
+    primary_obj = registry.get("objective", primary)
+    if not applicable(primary_obj, task.n_classes):
+        raise AutomammoError(f"objective {primary} applies to binary tasks only; task {task.name} has {task.n_classes} classes")
+    others = [o for n, o in sorted(registry.objectives().items()) if n != primary and applicable(o, task.n_classes)]
+    return primary_obj, [primary_obj, *others]
+
+
+# -- the tuner --------------------------------------------------------------------------
+
+
+class _Unshared:
+    """Keras Tuner deep-copies callbacks for each execution; these hold shared state."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _make_tuner_class(base):
+    import keras
+    import keras_tuner as kt
+
+    from automammo.objectives import make_callback
+
+    class AutomammoTuner(base):
+        def __init__(self, *args, run: Run, prepared: PreparedData, builders: dict, primary,
+                     objectives, search_config: SearchConfig, reporter: Reporter, **kwargs):
+            self.run, self.prepared, self.builders_by_name = run, prepared, builders
+            self.objective_obj, self.objectives = primary, objectives
+            self.config, self.reporter = search_config, reporter
+            self._extra: dict[str, dict] = {}
+            super().__init__(*args, **kwargs)
+
+        def run_trial(self, trial, *args, **kwargs):
+            hp = trial.hyperparameters
+            name, own = builder_hyperparameters(hp.values)
+            builder = self.builders_by_name[name]
+            pair = builder.inputs == "pair"
+            data = self.prepared.trial_data
+            val_inputs = data.inputs("val", pair)
+            keras.utils.set_random_seed(self.config.seed * 1000 + int(hashlib.md5(trial.trial_id.encode()).hexdigest(), 16) % 1000)
+            extra = self._extra.setdefault(trial.trial_id, {"start": time.time(), "history": {}})
+            self.reporter.trial_begin(trial.trial_id, name, own)
+
+            def predict(model):
+                return model.predict(val_inputs, batch_size=128, verbose=0)
+
+            monitor = f"val_{self.objective_obj.name}"
+            callbacks = [
+                make_callback(self.objectives, predict, data.y_val, self.prepared.task.positive),
+                keras.callbacks.EarlyStopping(monitor=monitor, mode=self.objective_obj.direction,
+                                              patience=self.config.patience, restore_best_weights=True),
+                _TrialEnd(self, trial.trial_id, predict),
+            ]
+            if self.config.tensorboard:
+                callbacks.append(keras.callbacks.TensorBoard(str(self.run.logs_dir), profile_batch=0))
+            kwargs["callbacks"] = callbacks + [_Progress(self.reporter, kwargs.get("epochs", self.config.epochs), extra)]
+            kwargs["data"] = data
+            return super().run_trial(trial, *args, **kwargs)
+
+        def on_trial_end(self, trial):
+            super().on_trial_end(trial)
+            extra = self._extra.pop(trial.trial_id, {"start": time.time(), "history": {}})
+            record = self._record(trial, extra)
+            if record["trial_id"] not in {t.get("trial_id") for t in self.run.trials()}:
+                append_line(self.run.trials_path, record)
+            self._prune_models()
+            keras.backend.clear_session()
+            gc.collect()
+            self.reporter.trial_end(record, self._best())
+
+        def _record(self, trial, extra) -> dict:
+            name, own = builder_hyperparameters(trial.hyperparameters.values)
+            history = extra.get("history", {})
+            monitor = f"val_{self.objective_obj.name}"
+            series = history.get(monitor, [])
+            best_epoch = None
+            if series:
+                arr = np.asarray(series, dtype=float)
+                best_epoch = int(np.nanargmax(arr) if self.objective_obj.direction == "max" else np.nanargmin(arr))
+            metrics = {k[4:]: _finite(v[best_epoch]) for k, v in history.items()
+                       if k.startswith("val_") and best_epoch is not None and best_epoch < len(v)}
+            message = getattr(trial, "message", None)
+            status = str(trial.status)
+            return {
+                "trial_id": trial.trial_id,
+                "status": status,
+                "builder": name,
+                "hyperparameters": own,
+                "objective": self.objective_obj.name,
+                "direction": self.objective_obj.direction,
+                "score": _finite(trial.score) if status == "COMPLETED" else None,
+                "metrics": metrics,
+                "epochs": len(series),
+                "best_epoch": None if best_epoch is None else best_epoch + 1,
+                "history": {k: [_finite(x) for x in v] for k, v in history.items()},
+                "seconds": round(time.time() - extra["start"], 2),
+                "model": str(self.run.model_path(trial.trial_id).relative_to(self.run.path))
+                if self.run.model_path(trial.trial_id).exists() else None,
+                "error": _last_line(message) if status != "COMPLETED" else None,
+                "traceback": message if status != "COMPLETED" else None,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+
+        def _best(self) -> dict | None:
+            ranked = self.run.ranked(self.objective_obj.direction)
+            return ranked[0] if ranked else None
+
+        def _prune_models(self):
+            keep = {t["trial_id"] for t in self.run.ranked(self.objective_obj.direction)[: self.config.keep_models]}
+            for path in self.run.models_dir.glob("*.keras"):
+                if path.stem not in keep and path.stem in {t["trial_id"] for t in self.run.trials()}:
+                    path.unlink(missing_ok=True)
+
+    return AutomammoTuner
+
+
+def _finite(v):
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
+
+
+def _last_line(message) -> str | None:
+    if not message:
+        return None
+    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else None
+
+
+def _trial_end_callback_base():
+    import keras
+
+    return keras.callbacks.Callback
+
+
+class _TrialEnd(_trial_end_callback_base(), _Unshared):
+    """After early stopping restored the best epoch: save the model and its predictions."""
+
+    def __init__(self, tuner, trial_id: str, predict):
+        super().__init__()
+        self.tuner, self.trial_id, self.predict = tuner, trial_id, predict
+
+    def on_train_end(self, logs=None):
+        run, prepared = self.tuner.run, self.tuner.prepared
+        run.preds_dir.mkdir(parents=True, exist_ok=True)
+        run.models_dir.mkdir(parents=True, exist_ok=True)
+        y_prob = self.predict(self.model)
+        with atomic_path(run.preds_path(self.trial_id)) as tmp:
+            np.savez(tmp, index=prepared.val_rows, y_true=prepared.trial_data.y_val, y_prob=y_prob.astype(np.float32))
+        with atomic_path(run.model_path(self.trial_id), suffix=".keras") as tmp:
+            self.model.save(tmp)
+
+
+class _Progress(_trial_end_callback_base(), _Unshared):
+    def __init__(self, reporter: Reporter, epochs: int, extra: dict):
+        super().__init__()
+        self.reporter, self.epochs, self.extra = reporter, epochs, extra
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        for key, value in logs.items():
+            self.extra["history"].setdefault(key, []).append(_finite(value))
+        self.reporter.epoch_end(epoch + 1, self.epochs, logs)
+
+
+def _tuner_for(config: SearchConfig, objective, hypermodel, run_dir: Path, **kwargs):
+    import keras_tuner as kt
+
+    kt_objective = kt.Objective(f"val_{objective.name}", direction=objective.direction)
+    common = dict(
+        hypermodel=hypermodel, objective=kt_objective, seed=config.seed,
+        max_consecutive_failed_trials=config.max_consecutive_failures,
+        directory=str(run_dir), project_name="tuner", overwrite=False,
+    )
+    if config.tuner == "random":
+        cls = _make_tuner_class(kt.RandomSearch)
+        return cls(max_trials=config.trials, **common, **kwargs)
+    if config.tuner == "bayesian":
+        cls = _make_tuner_class(kt.BayesianOptimization)
+        return cls(max_trials=config.trials, num_initial_points=max(2, min(5, config.trials // 3)), **common, **kwargs)
+    if config.tuner == "hyperband":
+        cls = _make_tuner_class(kt.Hyperband)
+        return cls(max_epochs=config.epochs, factor=3, hyperband_iterations=1, **common, **kwargs)
+    raise AutomammoError(f"unknown tuner {config.tuner!r}; known: {', '.join(TUNERS)}")
+
+
+# -- the search ---------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"automammo": __version__, "python": platform.python_version()}
+    for pkg in ("tensorflow", "keras", "keras-tuner", "numpy", "scikit-learn", "scikit-image"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def open_run(run_dir, config: SearchConfig | None, resume: bool, overwrite: bool) -> tuple[Run, SearchConfig]:
+    """Create, replace or reopen a run directory; never clobber one silently."""
+    run = Run(run_dir)
+    if resume:
+        if not run.exists():
+            raise RunError(f"{run.path}: nothing to resume (no config.json)")
+        stored = SearchConfig.from_dict(run.config()["search"])
+        if config is not None and config.trials > stored.trials:
+            stored.trials = config.trials  # a resumed search may be extended
+        return run, stored
+    if run.path.exists() and any(run.path.iterdir()):
+        if not overwrite:
+            raise RunError(f"{run.path} already holds a run; use --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(run.path)
+    if config is None:
+        raise RunError("a new run needs a configuration")
+    return run, config
+
+
+def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overwrite: bool = False,
+               reporter: Reporter | None = None) -> SearchResult:
+    """Run (or resume) a search; returns the best trial's record and every trial's.
+
+    Raises:
+        AutomammoError: bad data, names or options (before anything is written), or a
+            search stopped by too many consecutive failed trials.
+    """
+    reporter = reporter or Reporter()
+    run, config = open_run(run_dir, config, resume, overwrite)
+    if config.tuner not in TUNERS:
+        raise AutomammoError(f"unknown tuner {config.tuner!r}; known: {', '.join(TUNERS)}")
+    if config.trials < 1 or config.epochs < 1 or config.patience < 0:
+        raise AutomammoError("--trials and --epochs must be at least 1, --patience at least 0")
+    task = get_task(config.task)
+    objective, objectives = objectives_for(task, config.objective)
+    for name in config.builders:
+        registry.get("builder", name)
+    ds, source = resolve_data(config, reporter)
+    if config.image_size is None:
+        config = dataclasses.replace(config, image_size=int(max(ds.image_shape)))
+    requested_pairs = any(registry.get("builder", n).inputs == "pair" for n in config.builders)
+    prepared = prepare_data(ds, task, config, source, need_pairs=requested_pairs)
+    context = BuildContext(
+        image_size=prepared.preprocessing.image_size, n_classes=task.n_classes, task=task.name,
+        seed=config.seed, weights=config.weights, weights_dir=config.weights_dir, cache_dir=run.cache_dir,
+    )
+    builders = choose_builders(config, context, task, prepared.trial_data.has_pairs, reporter)
+
+    if resume:
+        stored = run.config()
+        if stored.get("data_fingerprint") != prepared.fingerprint:
+            raise RunError(f"{run.path}: the data changed since this run started ({source}); start a new run")
+    run.path.mkdir(parents=True, exist_ok=True)
+    write_json(run.config_path, {
+        "search": dataclasses.asdict(config),
+        "data": source,
+        "data_fingerprint": prepared.fingerprint,
+        "task": {"name": task.name, "classes": list(task.classes), "positive": task.positive},
+        "preprocessing": prepared.preprocessing.to_dict(),
+        "builders": sorted(builders),
+        "objectives": [o.name for o in objectives],
+        "split": {"fit": int(len(prepared.fit_rows)), "validation": int(len(prepared.val_rows))},
+        "versions": versions(),
+    })
+    tuner = _tuner_for(config, objective, BuilderChoice(builders), run.path, run=run, prepared=prepared,
+                       builders=builders, primary=objective, objectives=objectives,
+                       search_config=config, reporter=reporter)
+    if resume:
+        tuner.oracle.max_trials = config.trials if config.tuner != "hyperband" else tuner.oracle.max_trials
+    total = config.trials if config.tuner != "hyperband" else None
+    reporter.search_begin(run.path, total, config, len(run.trials()))
+    stopped = ""
+    try:
+        tuner.search(epochs=config.epochs, verbose=0)
+    except RuntimeError as exc:
+        if "consecutive failures" not in str(exc):
+            raise
+        failed = [t for t in run.trials() if t.get("status") != "COMPLETED"][-config.max_consecutive_failures:]
+        reasons = "; ".join(sorted({f"{t['builder']}: {t.get('error')}" for t in failed}))
+        stopped = f"stopped after {config.max_consecutive_failures} consecutive failed trials ({reasons})"
+    result = finish(run, objective)
+    result.stopped = stopped
+    reporter.search_end(result)
+    if stopped and result.best is None:
+        raise AutomammoError(stopped)
+    return result
+
+
+def finish(run: Run, objective) -> SearchResult:
+    """Copy the best trial's model to ``best.keras`` and collect the records."""
+    ranked = run.ranked(objective.direction)
+    best = ranked[0] if ranked else None
+    if best is not None and run.model_path(best["trial_id"]).exists():
+        with atomic_path(run.best_model_path, suffix=".keras") as tmp:
+            shutil.copyfile(run.model_path(best["trial_id"]), tmp)
+    return SearchResult(run.path, best, run.trials())

@@ -34,6 +34,9 @@ class BuildContext:
         weights: pretrained weights for builders that use them: "imagenet", "none" or a path.
         weights_dir: directory holding downloaded Keras weight files.
         cache_dir: where a builder may cache expensive intermediate results for this run.
+        objective: name of the objective the search optimises (``val_<name>`` in the logs).
+        direction: ``"max"`` or ``"min"``, the objective's direction.
+        patience: early-stopping patience, for builders that train in several phases.
         options: free options a third-party builder may read.
     """
 
@@ -44,6 +47,9 @@ class BuildContext:
     weights: str = "imagenet"
     weights_dir: str | None = None
     cache_dir: Path | None = None
+    objective: str = "auc"
+    direction: str = "max"
+    patience: int = 4
     options: dict = field(default_factory=dict)
 
 

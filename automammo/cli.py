@@ -281,10 +281,27 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
         sys.exit(1)
 
 
+def _mount_commands():
+    # Commands that live in their own modules, to keep this one readable.
+    import importlib
+
+    for name in ("automammo.cli_bundle", "automammo.cli_report"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
 def main(argv=None):
     """Console-script entry point."""
     return cli.main(args=argv, prog_name="automammo")
 
+
+_mount_commands()
 
 if __name__ == "__main__":
     main()

@@ -208,6 +208,12 @@ class TissueMask:
             # than none, so that synthetic flat test films still get baselines.
             return cls(np.ones(small.shape, bool), step, image.shape)
         mask = small > threshold_otsu(small)
+        # An opening cuts the thin bright strips of scanned film edges and rulers that
+        # would otherwise join the breast's component (and, with hole filling, enclose
+        # background as "tissue").
+        mask = ndimage.binary_opening(mask, structure=np.ones((5, 5), bool))
+        if not mask.any():
+            mask = small > threshold_otsu(small)
         labels, n = ndimage.label(mask)
         if n > 1:
             sizes = np.bincount(labels.ravel())
@@ -387,6 +393,7 @@ class PatchCollector:
         self.meta: dict[str, list] = {}
         self.skipped: Counter = Counter()
         self.notes: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
 
     def __len__(self) -> int:
         return len(self.label)
@@ -432,9 +439,11 @@ class PatchCollector:
         """Add a patch without a partner."""
         return self._add(patch, label, -1, patient, split, meta)
 
-    def skip(self, reason: str, n: int = 1) -> None:
-        """Count ``n`` items left out for ``reason``."""
+    def skip(self, reason: str, n: int = 1, example: str | None = None) -> None:
+        """Count ``n`` items left out for ``reason``; ``example`` (a file, a row) is shown."""
         self.skipped[reason] += n
+        if example is not None and len(self.examples.setdefault(reason, [])) < 3:
+            self.examples[reason].append(str(example))
 
     def note(self, what: str, n: int = 1) -> None:
         """Count something worth telling the user that did not drop data."""
@@ -447,7 +456,11 @@ class PatchCollector:
         multiplying the 8-bit ones by 257, which is exact and maps 255 to 65535.
         """
         if not self.x:
-            raise DataError(f"{source}: nothing usable was found ({self.skip_text() or 'no lesions'})")
+            detail = self.skip_text() or "no lesions"
+            first = next((ex[0] for ex in self.examples.values() if ex), None)
+            if first:
+                detail += f"; e.g. {first}"
+            raise DataError(f"{source}: nothing usable was found ({detail})")
         shapes = Counter(p.shape for p in self.x)
         if len(shapes) > 1:
             raise DataError(f"{source}: patches of different sizes {sorted(shapes)}; resize them to one size")
@@ -490,6 +503,8 @@ class PatchCollector:
                 lines.append(f"  {split}: {int(sel.sum())} patches ({parts})")
         skipped = sum(self.skipped.values())
         lines.append(f"skipped {skipped}" + (f": {self.skip_text()}" if skipped else ""))
+        for reason, examples in self.examples.items():
+            lines.append(f"  {reason}, e.g. " + "; ".join(examples))
         for what, n in self.notes.most_common():
             lines.append(f"note: {what}: {n}")
         return lines

@@ -48,6 +48,7 @@ BETA_RANGE = (2.6, 3.4)
 
 _GRID = 4  # a breast field is _GRID x _GRID cells, each a patch plus a gap
 _REFERENCE_SIZE = 64.0  # lesion geometry below is stated for 64 px patches and scaled
+_SPLAT_STEP = 0.4  # px between the points that trace a line (spicule, duct, vessel)
 
 
 @dataclass
@@ -280,7 +281,7 @@ def _simulate_breast(rng, labels, size, difficulty, bits) -> _Breast:
     glandular = 1.0 / (1.0 + np.exp(-(1.1 * texture + math.log(density / (1.0 - density)))))
     lesion_layer = np.zeros((side, side), np.float32)
     line_layer = np.zeros((side, side), np.float32)
-    _add_curvilinear_structures(rng, line_layer, scale)
+    _add_curvilinear_structures(rng, line_layer)
 
     contrast = 1.0 - 0.6 * difficulty
     noise_sd = 0.012 + 0.03 * difficulty
@@ -314,7 +315,7 @@ def _simulate_breast(rng, labels, size, difficulty, bits) -> _Breast:
         lo_r, lo_c = max(0, r0 - margin), max(0, c0 - margin)
         window = (slice(lo_r, r0 + size + margin), slice(lo_c, c0 + size + margin))
         t = ndimage.gaussian_filter(tissue[window], mtf_sigma)
-        t += ndimage.gaussian_filter(line_layer[window], math.hypot(mtf_sigma, line_sigma))
+        t += _line_image(line_layer[window], math.hypot(mtf_sigma, line_sigma))
         t = t[r0 - lo_r:r0 - lo_r + size, c0 - lo_c:c0 - lo_c + size]
         t = t + rng.normal(0.0, noise_sd, t.shape)
         # Film / detector response: fat near the bottom of the range, dense tissue and
@@ -325,6 +326,11 @@ def _simulate_breast(rng, labels, size, difficulty, bits) -> _Breast:
     patches = [(image(*lo), image(*bo), info) for lo, bo, info in crops]
     birads = int(np.digitize(density, [0.3, 0.5, 0.7])) + 1
     return _Breast(beta, birads, patches)
+
+
+def _line_image(traced, sigma):
+    """Lines of Gaussian cross-section ``sigma`` whose crest is the traced peak value."""
+    return ndimage.gaussian_filter(traced, sigma) * (math.sqrt(2 * np.pi) * sigma)
 
 
 def _pick_cell_pairs(rng, n) -> list[tuple[tuple[int, int], tuple[int, int]]]:
@@ -357,24 +363,26 @@ def _draw_suspicion(rng, malignant: bool, difficulty: float) -> float:
     return float(np.clip(rng.normal(centre, spread), 0.0, 1.0))
 
 
-def _add_curvilinear_structures(rng, layer, scale) -> None:
+def _add_curvilinear_structures(rng, layer) -> None:
     """Faint ducts, vessels and ligaments, running roughly towards the nipple."""
     side = layer.shape[0]
     heading = rng.uniform(0, np.pi)
     for _ in range(int(rng.integers(6, 14))):
-        n_steps = int(rng.uniform(0.4, 1.0) * side / 0.5)
-        turn = np.cumsum(rng.normal(0, 0.02, n_steps))
-        angle = heading + rng.normal(0, 0.35) + turn
+        n_steps = int(rng.uniform(0.4, 1.0) * side / _SPLAT_STEP)
+        # A slow random walk of the heading: gently curving, never kinked.
+        angle = heading + rng.normal(0, 0.35) + np.cumsum(rng.normal(0, 0.015, n_steps))
         start = rng.uniform(0, side, 2)
-        rows = start[0] + 0.5 * np.cumsum(np.sin(angle))
-        cols = start[1] + 0.5 * np.cumsum(np.cos(angle))
-        width = rng.uniform(0.6, 1.4) * max(scale, 0.5)
-        strength = rng.uniform(0.03, 0.08)
-        _splat(layer, rows, cols, np.full(n_steps, strength * 0.5 * math.sqrt(2 * np.pi) * width))
+        rows = start[0] + _SPLAT_STEP * np.cumsum(np.sin(angle))
+        cols = start[1] + _SPLAT_STEP * np.cumsum(np.cos(angle))
+        _splat(layer, rows, cols, np.full(n_steps, rng.uniform(0.03, 0.08)))
 
 
-def _splat(layer, rows, cols, weights) -> None:
-    """Add point masses with bilinear weights; a Gaussian blur later gives them a width."""
+def _splat(layer, rows, cols, peaks) -> None:
+    """Trace a line given as points ``_SPLAT_STEP`` apart, bilinearly.
+
+    ``_line_image`` blurs the traced layer into lines whose crest equals ``peaks``.
+    """
+    weights = np.asarray(peaks, dtype=float) * _SPLAT_STEP
     h, w = layer.shape
     inside = (rows >= 0) & (rows < h - 1) & (cols >= 0) & (cols < w - 1)
     rows, cols, weights = rows[inside], cols[inside], weights[inside]
@@ -439,23 +447,20 @@ def _render_mass(rng, size, scale, suspicion, contrast, difficulty) -> _Lesion:
 
 
 def _spicule(rng, size, cy, cx, radius, elongation, tilt, amplitude):
-    """A radiating, tapering line from inside the margin outwards (as point splats)."""
+    """A radiating, tapering line from inside the margin outwards, as (rows, cols, weights)."""
     angle = rng.uniform(0, 2 * np.pi)
     base = radius / math.sqrt((math.cos(angle - tilt) / math.sqrt(elongation)) ** 2
                               + (math.sin(angle - tilt) * math.sqrt(elongation)) ** 2)
     start = 0.7 * base
     room = 0.5 * size - 2.0 - math.hypot(cy - (size - 1) / 2, cx - (size - 1) / 2)
     length = min(rng.uniform(0.6, 1.6) * radius, max(room - start, 1.0))
+    # A slight deviation from the radial direction, so spicules do not all meet at one point.
     direction = angle + rng.normal(0, 0.08)
-    t = np.arange(0.0, length, 0.4)
-    rows = cy + (start + t) * math.sin(angle) + 0 * t
-    cols = cx + (start + t) * math.cos(angle)
-    # A slight deviation from the radial line, growing along it, so spicules are not rulers.
-    rows += t * math.sin(direction - angle) * math.cos(angle)
-    cols -= t * math.sin(direction - angle) * math.sin(angle)
+    t = np.arange(0.0, length, _SPLAT_STEP)
+    rows = cy + start * math.sin(angle) + t * math.sin(direction)
+    cols = cx + start * math.cos(angle) + t * math.cos(direction)
     taper = 1.0 - t / length
-    strength = amplitude * rng.uniform(0.5, 0.9)
-    return rows, cols, strength * taper * 0.4 * math.sqrt(2 * np.pi) * 0.7
+    return rows, cols, amplitude * rng.uniform(0.5, 0.9) * taper
 
 
 def _mass_descriptor(m, elongation, n_spicules) -> str:
@@ -500,7 +505,6 @@ def _render_calcification(rng, size, scale, suspicion, contrast, difficulty) -> 
                     _disc(layer, y + dy, x + dx, 0.8 * r, 0.8 * r, 0.0, amp)
             else:
                 _disc(layer, y, x, r, r * rng.uniform(0.85, 1.0), rng.uniform(0, np.pi), amp)
-            count_drawn = 1
         descriptor = {"round": "calcification round scattered", "rim": "calcification rim scattered",
                       "popcorn": "calcification coarse popcorn"}[str(kind)]
     elif m < 0.6:

@@ -437,6 +437,7 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
     context = BuildContext(
         image_size=prepared.preprocessing.image_size, n_classes=task.n_classes, task=task.name,
         seed=config.seed, weights=config.weights, weights_dir=config.weights_dir, cache_dir=run.cache_dir,
+        objective=objective.name, direction=objective.direction, patience=config.patience,
     )
     builders = choose_builders(config, context, task, prepared.trial_data.has_pairs, reporter)
 

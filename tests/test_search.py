@@ -1,0 +1,144 @@
+"""The search end to end: run layout, records, resume, refusals, bad input through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from automammo.cli import cli
+from automammo.errors import AutomammoError, DataError, RunError
+from automammo.runs import Run
+from automammo.search import SearchConfig, run_search
+
+
+def _config(path, **kw):
+    base = dict(data=str(path), task="benign-malignant", objective="f2", builders=["scratch_cnn"],
+                trials=2, epochs=2, image_size=32, tensorboard=False)
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, small_dataset_path):
+    run_dir = tmp_path_factory.mktemp("runs") / "r"
+    result = run_search(_config(small_dataset_path, trials=2, tensorboard=True), run_dir)
+    return result
+
+
+def test_run_layout_and_records(finished_run):
+    run = Run(finished_run.run_dir)
+    config = run.config()
+    assert config["task"]["classes"] == ["benign", "malignant"]
+    assert len(config["data_fingerprint"]) == 64 and "tensorflow" in config["versions"]
+    trials = run.trials()
+    assert len(trials) == 2
+    for t in trials:
+        assert t["status"] == "COMPLETED" and t["builder"] == "scratch_cnn"
+        assert {"f2", "auc", "accuracy", "loss", "f2_best", "f2_threshold"} <= set(t["metrics"])
+        assert t["score"] == pytest.approx(t["metrics"]["f2"])
+        assert 1 <= t["epochs"] <= 2 and t["seconds"] > 0
+        assert "learning_rate" in t["hyperparameters"]
+        preds = run.load_preds(t["trial_id"])
+        assert preds["y_prob"].shape == (len(preds["index"]), 2)
+    assert finished_run.best["score"] == max(t["score"] for t in trials)
+    assert any(run.logs_dir.rglob("events.out.tfevents*"))
+
+
+def test_best_model_reproduces_the_recorded_score(finished_run, small_dataset):
+    from automammo import registry
+    from automammo.preprocess import Preprocessing
+
+    run = Run(finished_run.run_dir)
+    best = finished_run.best
+    model = keras.saving.load_model(run.best_model_path, safe_mode=True)
+    preds = run.load_preds(best["trial_id"])
+    prep = Preprocessing.from_dict(run.config()["preprocessing"])
+    p = model.predict(prep.apply(small_dataset.x[preds["index"]]), verbose=0)
+    np.testing.assert_allclose(p, preds["y_prob"], atol=1e-4)
+    f2 = registry.objectives()["f2"](preds["y_true"], p, 1)
+    assert f2 == pytest.approx(best["score"], abs=1e-6)
+
+
+def test_validation_is_patient_disjoint_from_fit(finished_run, small_dataset):
+    run = Run(finished_run.run_dir)
+    val_rows = run.load_preds(run.trials()[0]["trial_id"])["index"]
+    train_rows = np.flatnonzero((small_dataset.split == "train") & (small_dataset.label > 0))
+    fit_rows = np.setdiff1d(train_rows, val_rows)
+    assert not set(small_dataset.patient[val_rows]) & set(small_dataset.patient[fit_rows])
+    assert not np.any(small_dataset.split[val_rows] == "test")
+
+
+def test_existing_run_is_never_overwritten(finished_run, small_dataset_path):
+    with pytest.raises(RunError, match="--resume .* --overwrite"):
+        run_search(_config(small_dataset_path), finished_run.run_dir)
+
+
+def test_resume_extends_without_duplicates(tmp_path, small_dataset_path):
+    run_dir = tmp_path / "r"
+    run_search(_config(small_dataset_path, trials=1, epochs=1), run_dir)
+    result = run_search(_config(small_dataset_path, trials=2, epochs=1), run_dir, resume=True)
+    ids = [t["trial_id"] for t in result.trials]
+    assert len(ids) == 2 and len(set(ids)) == 2
+    lines = (run_dir / "trials.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line) for line in lines)
+
+
+def test_resume_refuses_changed_data(tmp_path, small_dataset_path, small_dataset):
+    run_dir = tmp_path / "r"
+    data = tmp_path / "d.npz"
+    small_dataset.save(data)
+    run_search(_config(data, trials=1, epochs=1), run_dir)
+    from conftest import make_dataset
+
+    make_dataset(seed=5).save(data)
+    with pytest.raises(RunError, match="data changed"):
+        run_search(None, run_dir, resume=True)
+
+
+def test_empty_class_is_refused_before_anything_is_written(tmp_path, small_dataset):
+    arrays = dict(x=small_dataset.x, label=small_dataset.label.copy(), pair=small_dataset.pair,
+                  patient=small_dataset.patient, split=small_dataset.split)
+    arrays["label"][arrays["label"] == 2] = 1
+    arrays["label"][arrays["label"] == 4] = 3
+    from automammo.dataset import Dataset
+
+    path = tmp_path / "benign_only.npz"
+    Dataset.create(**arrays).save(path)
+    with pytest.raises(DataError, match="no 'malignant' samples in train"):
+        run_search(_config(path), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_objective_for_binary_tasks_only(tmp_path, small_dataset_path):
+    with pytest.raises(AutomammoError, match="binary tasks only"):
+        run_search(_config(small_dataset_path, task="diagnosis", objective="sens_at_spec90"), tmp_path / "r")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "malignancy"], "unknown task 'malignancy'; known: abnormality"),
+    (["--objective", "f3"], "unknown objective 'f3'; known: accuracy, auc"),
+    (["--builder", "resnet9000"], "unknown builder 'resnet9000'"),
+    (["--data", "missing.npz"], "missing.npz: no such file"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = CliRunner().invoke(cli, ["search", "--run", str(tmp_path / "r"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_search_end_to_end(tmp_path, small_dataset_path):
+    run_dir = tmp_path / "cli-run"
+    result = CliRunner().invoke(cli, ["search", "--data", str(small_dataset_path), "--task", "mass-calcification",
+                                      "--objective", "auc", "--trials", "1", "--epochs", "1", "--image-size", "32",
+                                      "--builder", "scratch_cnn", "--run", str(run_dir), "--no-tensorboard"])
+    assert result.exit_code == 0, result.output
+    assert "best trial" in result.output
+    assert (run_dir / "best.keras").exists()
+    again = CliRunner().invoke(cli, ["search", "--data", str(small_dataset_path), "--run", str(run_dir)])
+    assert again.exit_code == 2 and "--resume" in again.output

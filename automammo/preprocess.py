@@ -113,7 +113,11 @@ class Augmentation:
 
 
 def augment_fn(aug: Augmentation, seed: int):
-    """A batched tf function (B, S, S, C) -> (B, S, S, C); channels transform together."""
+    """A batched tf function ((B, S, S, C), seed[2]) -> (B, S, S, C); channels move together.
+
+    The symmetries use stateless random ops fed by a seeded stream, so the same search seed
+    gives the same augmentation in every trial, whatever ran before it in the process.
+    """
     import keras
     import tensorflow as tf
 
@@ -125,14 +129,17 @@ def augment_fn(aug: Augmentation, seed: int):
     if aug.zoom:
         layers.append(keras.layers.RandomZoom(aug.zoom, fill_mode="reflect", seed=seed + 2))
 
-    def symmetry(img):
-        k = tf.random.uniform((), 0, 4, dtype=tf.int32)
+    def symmetry(args):
+        img, k, flip = args
         img = tf.image.rot90(img, k)
-        return tf.cond(tf.random.uniform(()) < 0.5, lambda: tf.image.flip_left_right(img), lambda: img)
+        return tf.cond(flip, lambda: tf.image.flip_left_right(img), lambda: img)
 
-    def apply(batch):
+    def apply(batch, op_seed):
         if aug.symmetries:
-            batch = tf.map_fn(symmetry, batch)
+            n = tf.shape(batch)[0]
+            k = tf.random.stateless_uniform([n], op_seed, minval=0, maxval=4, dtype=tf.int32)
+            flip = tf.random.stateless_uniform([n], op_seed + 1) < 0.5
+            batch = tf.map_fn(symmetry, (batch, k, flip), fn_output_signature=batch.dtype)
         for layer in layers:
             batch = layer(batch, training=True)
         return batch
@@ -193,7 +200,9 @@ class TrialData:
         ds = ds.batch(batch_size)
         if training and (self.augmentation.symmetries or not self.augmentation.only_symmetries):
             aug = augment_fn(self.augmentation, self.seed)
-            ds = ds.map(lambda a, b: (aug(a), b), num_parallel_calls=tf.data.AUTOTUNE)
+            seeds = tf.data.Dataset.random(seed=self.seed, rerandomize_each_iteration=True).batch(2)
+            ds = tf.data.Dataset.zip((ds, seeds)).map(lambda ab, s: (aug(ab[0], s), ab[1]),
+                                                      num_parallel_calls=tf.data.AUTOTUNE)
         if pair:
             ds = ds.map(lambda a, b: ({"lesion": a[..., :1], "baseline": a[..., 1:]}, b))
         return ds.prefetch(tf.data.AUTOTUNE)

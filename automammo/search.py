@@ -361,7 +361,8 @@ def _tuner_for(config: SearchConfig, objective, hypermodel, run_dir: Path, **kwa
 
     kt_objective = kt.Objective(f"val_{objective.name}", direction=objective.direction)
     common = dict(
-        hypermodel=hypermodel, objective=kt_objective, seed=config.seed,
+        # Keras Tuner treats seed 0 as "no seed" and draws a random one.
+        hypermodel=hypermodel, objective=kt_objective, seed=config.seed + 1,
         max_consecutive_failed_trials=config.max_consecutive_failures,
         directory=str(run_dir), project_name="tuner", overwrite=False,
     )
@@ -462,6 +463,7 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
                        search_config=config, reporter=reporter)
     if resume:
         tuner.oracle.max_trials = config.trials if config.tuner != "hyperband" else tuner.oracle.max_trials
+    _deterministic(config.seed)
     total = config.trials if config.tuner != "hyperband" else None
     reporter.search_begin(run.path, total, config, len(run.trials()))
     stopped = ""
@@ -479,6 +481,15 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
     if stopped and result.best is None:
         raise AutomammoError(stopped)
     return result
+
+
+def _deterministic(seed: int) -> None:
+    """Same seed, same trials, same metrics on the CPU: seeded and deterministic ops."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
 
 
 def finish(run: Run, objective) -> SearchResult:

@@ -142,3 +142,9 @@ def test_cli_search_end_to_end(tmp_path, small_dataset_path):
     assert (run_dir / "best.keras").exists()
     again = CliRunner().invoke(cli, ["search", "--data", str(small_dataset_path), "--run", str(run_dir)])
     assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_same_seed_same_trials_and_metrics(tmp_path, small_dataset_path):
+    runs = [run_search(_config(small_dataset_path, trials=2, epochs=2), tmp_path / f"r{i}") for i in range(2)]
+    a, b = ([(t["hyperparameters"], t["metrics"], t["epochs"]) for t in r.trials] for r in runs)
+    assert a == b

@@ -1,0 +1,111 @@
+"""Preprocessing and the tf.data pipelines: scaling, stretch, resize, exact augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from automammo.preprocess import Augmentation, Preprocessing, TrialData, bit_depth_scale
+
+
+def _symmetries(img):
+    out = []
+    for k in range(4):
+        r = np.rot90(img, k)
+        out += [r, np.fliplr(r)]
+    return out
+
+
+@pytest.mark.parametrize("peak, dtype, expected", [
+    (200, np.uint8, 255.0), (1000, np.uint16, 1023.0), (4095, np.uint16, 4095.0),
+    (4096, np.uint16, 16383.0), (60000, np.uint16, 65535.0),
+])
+def test_bit_depth_scale(peak, dtype, expected):
+    x = np.zeros((2, 8, 8), dtype)
+    x[0, 0, 0] = peak
+    assert bit_depth_scale(x) == expected
+
+
+def test_apply_scales_resizes_and_keeps_range():
+    x = np.linspace(0, 4095, 4 * 40 * 40).reshape(4, 40, 40).astype(np.uint16)
+    out = Preprocessing(20, 4095.0).apply(x)
+    assert out.shape == (4, 20, 20, 1) and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert out[0].mean() == pytest.approx(x[0].mean() / 4095.0, abs=0.01)
+
+
+def test_contrast_stretch_maps_percentiles_to_full_range():
+    rng = np.random.default_rng(0)
+    x = (rng.uniform(1000, 1200, (3, 32, 32))).astype(np.uint16)
+    out = Preprocessing(32, 4095.0, contrast_stretch=True).apply(x)[..., 0]
+    for img in out:
+        assert np.percentile(img, 2) == pytest.approx(0.0, abs=0.02)
+        assert np.percentile(img, 98) == pytest.approx(1.0, abs=0.02)
+
+
+def _data(n=16, size=8, pairs=True, aug=Augmentation(), seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, (n, size, size, 1)).astype("float32")
+    b = rng.uniform(0, 1, (n, size, size, 1)).astype("float32")
+    y = np.arange(n) % 2
+    return TrialData(x, y, x[:4], y[:4], 2, aug, b if pairs else None, b[:4] if pairs else None, seed)
+
+
+def test_symmetries_are_exact_and_change_between_epochs():
+    data = _data()
+    ds = data.dataset("fit", 16)
+    epochs = [next(iter(ds)) for _ in range(2)]
+    seen = []
+    for xb, yb in epochs:
+        xb, yb = xb.numpy()[..., 0], yb.numpy()
+        for img in xb:
+            # Each augmented patch is exactly one of the 8 symmetries of some original.
+            matches = [i for i, orig in enumerate(data.x_fit[..., 0])
+                       if any(np.array_equal(img, s) for s in _symmetries(orig))]
+            assert len(matches) == 1
+        seen.append(xb)
+    assert not np.array_equal(seen[0], seen[1])
+
+
+def test_same_seed_same_augmentation():
+    a = next(iter(_data(seed=3).dataset("fit", 16)))[0].numpy()
+    b = next(iter(_data(seed=3).dataset("fit", 16)))[0].numpy()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_pair_gets_the_same_transform_on_both_patches():
+    data = _data()
+    inputs, _ = next(iter(data.dataset("fit", 16, pair=True)))
+    for les, base in zip(inputs["lesion"].numpy()[..., 0], inputs["baseline"].numpy()[..., 0]):
+        i = next(i for i, orig in enumerate(data.x_fit[..., 0]) if any(np.array_equal(les, s) for s in _symmetries(orig)))
+        k = next(j for j, s in enumerate(_symmetries(data.x_fit[i, ..., 0])) if np.array_equal(les, s))
+        np.testing.assert_array_equal(base, _symmetries(data.b_fit[i, ..., 0])[k])
+
+
+def test_validation_is_never_augmented_or_shuffled():
+    data = _data()
+    xb, yb = next(iter(data.dataset("val", 4)))
+    np.testing.assert_array_equal(xb.numpy(), data.x_val)
+
+
+def test_free_rotation_shift_zoom_run():
+    data = _data(aug=Augmentation(symmetries=False, rotation=20, shift=0.1, zoom=0.1))
+    xb, _ = next(iter(data.dataset("fit", 16)))
+    assert xb.shape == (16, 8, 8, 1)
+
+
+def test_balanced_class_weight_matches_sklearn():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = np.array([0] * 10 + [1] * 30)
+    data = TrialData(np.zeros((40, 8, 8, 1), "float32"), y, None, None, 2)
+    expected = compute_class_weight("balanced", classes=np.array([0, 1]), y=y)
+    assert data.class_weight("balanced") == pytest.approx(dict(enumerate(expected)))
+    assert data.class_weight("none") is None
+
+
+def test_pairs_missing_is_a_clear_error():
+    from automammo.errors import DataError
+
+    with pytest.raises(DataError, match="no baseline partners"):
+        _data(pairs=False).inputs("val", pair=True)

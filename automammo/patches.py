@@ -375,6 +375,11 @@ def to_canonical_dtype(arr: np.ndarray, where: str) -> np.ndarray:
 # --------------------------------------------------------------------------- assembly
 
 
+#: Names a metadata array may not take: the dataset's own arrays, and the parameters of
+#: ``np.savez_compressed`` (an array called ``file`` would collide with its first argument).
+RESERVED_META = frozenset({"x", "label", "pair", "patient", "split", "file", "allow_pickle"})
+
+
 class PatchCollector:
     """Gathers patches for one importer run and builds the ``Dataset``.
 
@@ -400,6 +405,9 @@ class PatchCollector:
 
     def _add(self, patch: np.ndarray, label: int, partner: int, patient: str, split: str, meta: dict) -> int:
         if not self.meta and not self.x:
+            clash = set(meta) & RESERVED_META
+            if clash:
+                raise ValueError(f"metadata name(s) {sorted(clash)} are reserved")
             self.meta = {k: [] for k in meta}
         if set(meta) != set(self.meta):
             raise ValueError(f"metadata keys {sorted(meta)} differ from {sorted(self.meta)}")
@@ -443,6 +451,11 @@ class PatchCollector:
         """Count ``n`` items left out for ``reason``; ``example`` (a file, a row) is shown."""
         self.skipped[reason] += n
         if example is not None and len(self.examples.setdefault(reason, [])) < 3:
+            self.examples[reason].append(str(example))
+
+    def remember(self, reason: str, example: str) -> None:
+        """Keep an example for ``reason`` without counting a skip (counted elsewhere)."""
+        if len(self.examples.setdefault(reason, [])) < 3:
             self.examples[reason].append(str(example))
 
     def note(self, what: str, n: int = 1) -> None:

@@ -1,0 +1,226 @@
+"""``automammo ensemble``, ``predict`` and ``evaluate``: making and using bundles.
+
+Mounted into the main group by ``automammo.cli``; library errors raised here become one
+line and exit code 2 there.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from automammo.cli import console
+
+
+# Display order of metrics (a manifest stores them sorted by name).
+_ORDER = {name: i for i, name in enumerate(
+    ("accuracy", "auc", "f1", "f2", "sensitivity", "specificity", "ppv", "npv", "recall"))}
+
+
+class _Messages:
+    """Ensemble progress as dim lines."""
+
+    def __init__(self, con):
+        self.con = con
+
+    def message(self, text: str) -> None:
+        self.con.print(f"[dim]{text}[/dim]")
+
+
+def metrics_table(report: dict, title: str):
+    """A rich table of ``clinical_metrics`` output: value, 95% interval, n."""
+    from rich.table import Table
+
+    from automammo.evaluation import format_metric
+
+    unit = report["bootstrap"]["unit"]
+    t = Table(title=title, title_justify="left",
+              caption=f"n = denominator; 95% CI: percentile bootstrap over {unit}s, "
+                      f"{report['bootstrap']['replicates']} replicates",
+              caption_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("95% CI", justify="right")
+    t.add_column("n", justify="right")
+    for name, m in sorted(report["metrics"].items(), key=lambda kv: _ORDER.get(kv[0].split(" ")[0], 50)):
+        value, ci = format_metric(m, integer=" called " in name)
+        t.add_row(name, value, ci, str(m["n"]))
+    return t
+
+
+def confusion_table(report: dict):
+    from rich.table import Table
+
+    cm = report["confusion_matrix"]
+    t = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left")
+    t.add_column("")
+    for c in cm["classes"]:
+        t.add_column(c, justify="right")
+    for c, row in zip(cm["classes"], cm["counts"]):
+        t.add_row(c, *[str(v) for v in row])
+    return t
+
+
+@click.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--meta", default=None, help="Meta-learner [default: the best by cross-validation of every registered one].")
+@click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Members: the best K trials.")
+@click.option("--diverse", is_flag=True, help="Take the best trial of each builder before any second best.")
+@click.option("--features", type=click.Choice(["probs", "penultimate"]), default="probs", show_default=True,
+              help="What the meta-learner stacks: member probabilities or penultimate-layer features.")
+@click.option("--objective", default=None, help="Objective for ranking, selection and threshold [default: the run's].")
+@click.option("--min-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Binary tasks: the threshold with the highest specificity at this sensitivity or more.")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="The runs' dataset, if it moved since the search.")
+@click.option("--folds", type=click.IntRange(2), default=5, show_default=True,
+              help="Patient-grouped folds over the validation rows.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Bundle to write, NAME.ammo [default: beside the first run].")
+def ensemble(runs, meta, top, diverse, features, objective, min_sensitivity, data_path, folds, seed, out):
+    """Stack the best trials of finished RUNS into a bundle with a tuned threshold."""
+    from rich.table import Table
+
+    from automammo.ensemble import ensemble_and_export
+
+    con = console()
+    out = out or Path(runs[0]).with_name(Path(runs[0]).name + ".ammo")
+    result = ensemble_and_export(list(runs), out, meta=meta, top=top, diverse=diverse, features=features,
+                                 min_sensitivity=min_sensitivity, objective=objective, data=data_path,
+                                 folds=folds, seed=seed, reporter=_Messages(con))
+    manifest = result.manifest
+    val = manifest["validation"]
+    score_name = val["score"]["name"]
+    t = Table(title=f"meta-learners: cross-validated {score_name} on {val['n']} validation rows, "
+                    f"{val['folds']} patient-grouped folds", title_justify="left")
+    for col in ("meta-learner", score_name, "sensitivity", "specificity", "note"):
+        t.add_column(col, justify="left" if col in ("meta-learner", "note") else "right")
+    for name, a in result.assessments.items():
+        cells = [_f(a.get("score")), _f(a.get("sensitivity")), _f(a.get("specificity"))]
+        t.add_row(name + (" *" if name == result.meta else ""), *cells, a.get("error") or "")
+    con.print(t)
+    m = Table(title="members", title_justify="left")
+    for col in ("member", "builder", "inputs", f"{manifest['objective']['name']} (val, t=0.5)"):
+        m.add_column(col)
+    for spec in manifest["members"]:
+        m.add_row(f"{Path(spec['run']).name}/{spec['trial_id']}", spec["builder"], spec["inputs"],
+                  _f(spec["validation"]["score"]))
+    con.print(m)
+    con.print(metrics_table(val, "validation metrics of the ensemble (out-of-fold, cross-validated threshold)"))
+    if result.threshold is not None:
+        rule = manifest["threshold_rule"]
+        why = (f"highest specificity with sensitivity >= {rule['min_sensitivity']:g}"
+               if rule["rule"] == "min_sensitivity" else f"{rule['rule']} {rule.get('objective') or ''}".strip())
+        con.print(f"threshold [bold]{result.threshold:.4f}[/bold] on p({manifest['task']['classes'][manifest['task']['positive']]}) ({why})")
+    con.print(f"best single member {result.best_member['member']}: {score_name} {_f(result.best_member['score'])}; "
+              f"ensemble ({result.meta}): {_f(result.score)}")
+    con.print(f"[bold green]bundle[/bold green] {result.bundle}")
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--baseline", "baselines", multiple=True, type=click.Path(path_type=Path),
+              help="Baseline patch for each image file, in order (bundles with pair members).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the predictions as CSV.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+def predict(bundle, inputs, baselines, out, batch_size):
+    """Class probabilities and decisions of BUNDLE for INPUTS (PNG/JPEG/DICOM files, dataset.npz)."""
+    from rich.table import Table
+
+    from automammo.atomic import atomic_path
+    from automammo.bundle import Bundle
+    from automammo.errors import DataError
+    from automammo.inputs import read_inputs
+    from automammo.tasks import get_task
+
+    b = Bundle.load(bundle)
+    items = read_inputs(inputs, baselines, task=get_task(b.task_name), need_baseline=b.needs_baseline)
+    if baselines and not b.needs_baseline:
+        console(stderr=True).print("[yellow]note[/yellow]: this bundle does not use baselines; --baseline ignored")
+    _warn_bit_depth(b, items)
+    raw_b = items.baselines if b.needs_baseline else None
+    if raw_b is not None and any(x is None for x in raw_b):
+        raise DataError("every patch needs a baseline for this bundle")
+    probs = b.predict_proba(items.images, raw_b, batch_size)
+    decided = b.decide(probs)
+    header = ["input", *items.columns, *[f"p_{c}" for c in b.classes], "decision", "threshold"]
+    rows = []
+    for i, name in enumerate(items.names):
+        rows.append([name, *[items.columns[k][i] for k in items.columns], *[f"{p:.6f}" for p in probs[i]],
+                     b.classes[decided[i]], "" if b.threshold is None else f"{b.threshold:.6f}"])
+    if out is not None:
+        with atomic_path(out, suffix=".csv") as tmp:
+            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(header)
+                writer.writerows(rows)
+    con = console()
+    shown = 50
+    t = Table(title=f"{len(rows)} predictions of {b.path.name}"
+                    + (f" (threshold {b.threshold:.4f} on p({b.classes[b.positive]}))" if b.threshold is not None else ""),
+              title_justify="left")
+    columns = ["input", *([c for c in items.columns if c != "split"]), *header[-2 - len(b.classes):-1]]
+    for col in columns:
+        t.add_column(col, justify="right" if col.startswith("p_") else "left", overflow="fold")
+    index = {h: i for i, h in enumerate(header)}
+    for row in rows[:shown]:
+        t.add_row(*[row[index[c]] for c in columns])
+    con.print(t)
+    if len(rows) > shown:
+        con.print(f"... {len(rows) - shown} more" + (f" in {out}" if out else "; use --out FILE for all"))
+    counts = {c: int((decided == i).sum()) for i, c in enumerate(b.classes)}
+    con.print("decisions: " + ", ".join(f"{c} {n}" for c, n in counts.items()) + (f"; written to {out}" if out else ""))
+
+
+def _warn_bit_depth(b, items) -> None:
+    scales = {m.preprocessing.scale_max for m in b.members}
+    deep = any(np.dtype(d) == np.uint16 for d in items.dtypes)
+    trained_deep = any(s > 255 for s in scales)
+    if trained_deep != deep:
+        console(stderr=True).print(
+            f"[yellow]warning[/yellow]: the bundle scales pixels by {max(scales):g} (its training data), "
+            f"but the inputs are {'/'.join(sorted(items.dtypes))}; predictions are only meaningful on "
+            "data of the same bit depth")
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="dataset.npz whose test split is scored.")
+@click.option("--replicates", type=click.IntRange(100), default=2000, show_default=True, help="Bootstrap replicates.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def evaluate(bundle, data_path, replicates, seed, as_json):
+    """Score BUNDLE on the test split of --data: metrics with n and bootstrap 95% CIs."""
+    from automammo.bundle import Bundle
+    from automammo.evaluation import evaluate_bundle, format_metric
+
+    report = evaluate_bundle(Bundle.load(bundle), data_path, replicates, seed)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    con = console()
+    origin = ("the dataset the bundle was built on; its test split was used by no stage before"
+              if report["same_data"] else "a dataset the bundle was not built on (external test)")
+    con.print(f"[bold]{report['bundle']}[/bold] on the test split of {report['data']}: "
+              f"{report['n']} samples of {report['n_patients']} patients, task {report['task']}"
+              + (f", threshold {report['threshold']:.4f}" if report["threshold"] is not None else ""))
+    con.print(f"[dim]{origin}[/dim]")
+    con.print(metrics_table(report, "test metrics"))
+    con.print(confusion_table(report))
+    for name, m in report["metrics"].items():
+        if " called " in name:
+            value, ci = format_metric(m, integer=True)
+            con.print(f"[bold]{name}[/bold]: {value} of {m['n']} (95% CI {ci})")
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+COMMANDS = [ensemble, predict, evaluate]

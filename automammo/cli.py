@@ -237,9 +237,11 @@ class RichReporter:
 @click.option("--resume", is_flag=True, help="Continue the search in --run where it stopped.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @click.option("--tensorboard/--no-tensorboard", default=True, show_default=True, help="Log each trial for TensorBoard.")
+@click.option("--ensemble/--no-ensemble", default=True, show_default=True,
+              help="Stack the best trials, tune the threshold and export a bundle at the end.")
 def search(data_path, task, objective, builders, tuner, trials, epochs, patience, image_size, val_fraction,
            seed, contrast_stretch, symmetries, rotation, shift, zoom, weights, weights_dir, keep_models,
-           run_dir, resume, overwrite, tensorboard):
+           run_dir, resume, overwrite, tensorboard, ensemble):
     """Search model families and hyperparameters for TASK, scored by OBJECTIVE."""
     from automammo.search import SearchConfig, run_search
 
@@ -302,6 +304,3 @@ def main(argv=None):
 
 
 _mount_commands()
-
-if __name__ == "__main__":
-    main()

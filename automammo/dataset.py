@@ -33,6 +33,8 @@ LABEL_NAMES = (
 )
 REQUIRED = ("x", "label", "pair", "patient", "split")
 SPLITS = ("train", "test")
+# Keyword arguments of np.savez: arrays so named cannot be saved.
+RESERVED = ("file", "allow_pickle", "args", "kwds")
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,7 +170,13 @@ def _from_arrays(arrays: dict, source: str) -> Dataset:
     bad = np.flatnonzero(~np.isin(split, SPLITS))
     if bad.size:
         fail(f"split must be 'train' or 'test'; found {split[bad[0]]!r} at index {bad[0]}")
+    both = np.intersect1d(patient[split == "train"], patient[split == "test"])
+    if both.size:
+        fail(f"patient {both[0]!r} is in both train and test ({both.size} patients in all); "
+             "a patient's patches must stay on one side of the split")
     for name in set(arrays) - set(REQUIRED):
+        if name in RESERVED:
+            fail(f"metadata array name {name!r} is reserved; rename it")
         if arrays[name].dtype == object:
             fail(f"metadata array {name!r} has dtype object; use numbers or strings")
     meta = {k: v for k, v in arrays.items() if k not in REQUIRED}

@@ -221,6 +221,17 @@ def _make_tuner_class(base):
             self._extra: dict[str, dict] = {}
             super().__init__(*args, **kwargs)
 
+        def _populate_initial_space(self):
+            try:
+                super()._populate_initial_space()
+            except Exception:  # noqa: BLE001
+                # A builder that cannot even be built fails its own trials, with its reason,
+                # instead of stopping the search before it starts; the space of the others
+                # is still learnt as their trials declare it.
+                hp = self.oracle.get_space()
+                hp.Choice("builder", list(self.builders_by_name))
+                self.oracle.update_space(hp)
+
         def run_trial(self, trial, *args, **kwargs):
             hp = trial.hyperparameters
             name, own = builder_hyperparameters(hp.values)
@@ -249,7 +260,13 @@ def _make_tuner_class(base):
             return super().run_trial(trial, *args, **kwargs)
 
         def on_trial_end(self, trial):
-            super().on_trial_end(trial)
+            try:
+                # Scores the trial; raises once too many trials failed in a row.
+                super().on_trial_end(trial)
+            finally:
+                self._record_trial(trial)
+
+        def _record_trial(self, trial):
             extra = self._extra.pop(trial.trial_id, {"start": time.time(), "history": {}})
             record = self._record(trial, extra)
             if record["trial_id"] not in {t.get("trial_id") for t in self.run.trials()}:

@@ -34,6 +34,9 @@ def test_round_trip_keeps_everything(tmp_path, small_dataset):
     (lambda a: a["pair"].__setitem__(0, 10_000), "outside"),
     (lambda a: a["split"].__setitem__(0, "valid"), "'train' or 'test'"),
     (lambda a: a["patient"].__setitem__(0, "someone-else"), "joins two patients"),
+    # rows 0-1 and 80-81 are one patient's two lesion/baseline pairs
+    (lambda a: a["split"].__setitem__(slice(0, 2), "test" if a["split"][80] == "train" else "train"),
+     "in both train and test"),
 ])
 def test_invalid_arrays_are_refused(tmp_path, small_dataset, mutate, message):
     arrays = _arrays(small_dataset)
@@ -44,6 +47,12 @@ def test_invalid_arrays_are_refused(tmp_path, small_dataset, mutate, message):
         load(path)
     assert str(path) in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_reserved_metadata_name_is_refused(small_dataset):
+    arrays = _arrays(small_dataset)
+    with pytest.raises(DataError, match="'file' is reserved"):
+        Dataset.create(**arrays, meta={"file": np.array(["a"] * len(arrays["label"]))})
 
 
 def test_pair_must_join_baseline_and_lesion(small_dataset):

@@ -1,0 +1,5 @@
+"""``python -m automammo`` is the ``automammo`` command."""
+
+from automammo.cli import main
+
+main()

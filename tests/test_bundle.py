@@ -238,3 +238,53 @@ def test_a_failed_export_check_leaves_nothing(bundle_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
     written = write_bundle(tmp_path / "ok.ammo", manifest, members, source.meta)
     assert Bundle.load(written).threshold == source.threshold
+
+
+def _pair_bundle(tmp_path):
+    """A bundle of one lesion+baseline member, written through the normal writer."""
+    import keras
+
+    from automammo.preprocess import Preprocessing
+    from automammo_plugins.meta_learners import Mean
+
+    lesion, baseline = keras.Input((16, 16, 1), name="lesion"), keras.Input((16, 16, 1), name="baseline")
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Subtract()([lesion, baseline]))
+    out = keras.layers.Dense(2, activation="softmax", name="probabilities")(x)
+    keras.Model({"lesion": lesion, "baseline": baseline}, out).save(tmp_path / "pair.keras")
+    prep = Preprocessing(16, 255.0).to_dict()
+    manifest = {
+        "task": {"name": "benign-malignant", "classes": ["benign", "malignant"], "positive": 1},
+        "threshold": 0.5, "threshold_rule": {"rule": "fixed", "objective": None},
+        "objective": {"name": "auc", "direction": "max"}, "features": "probs",
+        "preprocessing": prep, "image_size": 16,
+        "members": [{"file": "members/m0-pair.keras", "builder": "toy", "trial_id": "0", "run": "",
+                     "inputs": "pair", "feature_size": 2, "hyperparameters": {}, "preprocessing": prep}],
+        "meta_learner": {"selection": "given"}, "validation": {}, "data": {}, "versions": {},
+    }
+    meta = Mean(2).fit(np.array([[0.2, 0.8], [0.7, 0.3]]), np.array([1, 0]))
+    return write_bundle(tmp_path / "pair.ammo", manifest, [(tmp_path / "pair.keras", "members/m0-pair.keras")], meta)
+
+
+def test_a_pair_bundle_needs_and_uses_baselines(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from automammo.cli import cli
+
+    b = Bundle.load(_pair_bundle(tmp_path))
+    assert b.needs_baseline
+    rng = np.random.default_rng(0)
+    lesions, baselines = rng.integers(0, 256, (2, 3, 16, 16), dtype=np.uint8)
+    p = b.predict_proba(lesions, baselines)
+    assert p.shape == (3, 2)
+    assert not np.allclose(p, b.predict_proba(lesions, lesions))  # the baseline is an input
+    with pytest.raises(BundleError, match="baseline"):
+        b.predict_proba(lesions)
+    Image.fromarray(lesions[0]).save(tmp_path / "l.png")
+    Image.fromarray(baselines[0]).save(tmp_path / "b.png")
+    ok = CliRunner().invoke(cli, ["predict", str(b.path), str(tmp_path / "l.png"), "--baseline", str(tmp_path / "b.png"),
+                                  "--out", str(tmp_path / "p.csv")])
+    assert ok.exit_code == 0, ok.output
+    assert f"{p[0, 1]:.6f}" in (tmp_path / "p.csv").read_text()
+    missing = CliRunner().invoke(cli, ["predict", str(b.path), str(tmp_path / "l.png")])
+    assert missing.exit_code == 2 and "--baseline" in missing.output

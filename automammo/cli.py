@@ -111,8 +111,12 @@ def data():
 
 @data.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-def info(path):
-    """Counts per split x class, per task, patients and image format of PATH."""
+@click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a contact sheet PNG: example lesions beside their baselines, per class.")
+@click.option("--per-class", type=click.IntRange(1, 20), default=6, show_default=True,
+              help="Examples per class on the sheet.")
+def info(path, sheet, per_class):
+    """Counts per split x class, per task, patients, pixel statistics of PATH."""
     import numpy as np
     from rich.table import Table
 
@@ -144,8 +148,24 @@ def info(path):
             t.add_row(task.name if c == 0 else "", cname,
                       *[str(int(np.sum((y == c) & (ds.split == s)))) for s in splits])
     con.print(t)
+    t = Table(title="pixels", title_justify="left")
+    for col in ("label", "mean", "sd", "p2", "p98", "max"):
+        t.add_column(col, justify="right" if col != "label" else "left")
+    for i, name in enumerate(LABEL_NAMES):
+        sel = ds.x[ds.label == i]
+        if len(sel):
+            sample = sel[:: max(1, len(sel) // 200)].astype(np.float64)
+            p2, p98 = np.percentile(sample, (2, 98))
+            t.add_row(f"{i} {name}", f"{sample.mean():.1f}", f"{sample.std():.1f}", f"{p2:.0f}", f"{p98:.0f}",
+                      f"{int(sel.max())}")
+    con.print(t)
     if ds.meta:
         con.print("metadata: " + ", ".join(f"{k} ({v.dtype})" for k, v in sorted(ds.meta.items())))
+    if sheet is not None:
+        from automammo.sheet import contact_sheet
+
+        contact_sheet(ds, sheet, per_class=per_class)
+        con.print(f"contact sheet: {sheet}")
 
 
 # -- search ----------------------------------------------------------------------------------

@@ -354,3 +354,13 @@ def test_abnormality_search_runs_from_the_cli(pair_dataset_path, tmp_path):
     assert trial["status"] == "COMPLETED" and trial["builder"] == "scratch_cnn"
     preds = run.load_preds(trial["trial_id"])
     assert set(np.unique(preds["y_true"])) == {0, 1}
+
+
+def test_cli_refuses_a_pair_builder_for_a_task_that_classifies_baselines(pair_dataset_path, tmp_path):
+    result = CliRunner().invoke(cli, [
+        "search", "--data", str(pair_dataset_path), "--task", "abnormality", "--builder", "siamese",
+        "--trials", "1", "--epochs", "1", "--image-size", str(SIZE), "--run", str(tmp_path / "r"),
+    ])
+    assert result.exit_code == 2, result.output
+    assert "pair builders do not apply" in result.output
+    assert not (tmp_path / "r" / "trials.jsonl").exists()

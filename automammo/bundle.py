@@ -255,7 +255,7 @@ def read_manifest(path: Path) -> dict:
                           f"(this automammo reads version {FORMAT_VERSION}); upgrade automammo")
     try:
         _check_structure(manifest)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise BundleError(f"{mpath}: malformed manifest ({type(exc).__name__}: {exc})") from None
     return manifest
 

@@ -116,7 +116,8 @@ def ensemble(runs, meta, top, diverse, features, objective, min_sensitivity, dat
         rule = manifest["threshold_rule"]
         why = (f"highest specificity with sensitivity >= {rule['min_sensitivity']:g}"
                if rule["rule"] == "min_sensitivity" else f"{rule['rule']} {rule.get('objective') or ''}".strip())
-        con.print(f"threshold [bold]{result.threshold:.4f}[/bold] on p({manifest['task']['classes'][manifest['task']['positive']]}) ({why})")
+        positive = manifest["task"]["classes"][manifest["task"]["positive"]]
+        con.print(f"threshold [bold]{result.threshold:.4f}[/bold] on p({positive}) ({why})")
     con.print(f"best single member {result.best_member['member']}: {score_name} {_f(result.best_member['score'])}; "
               f"ensemble ({result.meta}): {_f(result.score)}")
     con.print(f"[bold green]bundle[/bold green] {result.bundle}")

@@ -172,7 +172,10 @@ def rank_candidates(candidates, rows, y, objective: Objective, positive) -> list
         s = objective(y, c.probs_at(rows), positive)
         scored.append((c, s if np.isfinite(s) else None))
     worst = -np.inf if objective.direction == "max" else np.inf
-    key = (lambda item: item[1] if item[1] is not None else worst)
+
+    def key(item):
+        return item[1] if item[1] is not None else worst
+
     return sorted(scored, key=key, reverse=objective.direction == "max")
 
 
@@ -184,7 +187,7 @@ def select_members(ranked, top: int, diverse: bool) -> list[tuple[Candidate, flo
         return ranked[:top]
     seen: dict[str, int] = {}
     depth = []
-    for c, s in ranked:
+    for c, _ in ranked:
         depth.append(seen.get(c.builder, 0))
         seen[c.builder] = depth[-1] + 1
     order = sorted(range(len(ranked)), key=lambda i: (depth[i], i))
@@ -211,7 +214,8 @@ def _member_inputs(ds: Dataset, rows: np.ndarray, prep: Preprocessing, pair: boo
         return x
     partners = ds.pair[rows]
     if np.any(partners < 0):
-        raise DataError(f"{ds.source}: a pair member needs a baseline for every lesion; {int(np.sum(partners < 0))} lack one")
+        raise DataError(f"{ds.source}: a pair member needs a baseline for every lesion; "
+                        f"{int(np.sum(partners < 0))} lack one")
     return {"lesion": x, "baseline": prep.apply(ds.x[partners])}
 
 
@@ -318,7 +322,8 @@ def ensemble_and_export(run_dirs, out, meta: str | None = None, top: int = 5, di
     objective_name = objective or config.get("search", {}).get("objective", "auc")
     obj = registry.get("objective", objective_name)
     if not applicable(obj, task.n_classes):
-        raise AutomammoError(f"objective {obj.name} applies to binary tasks only; task {task.name} has {task.n_classes} classes")
+        raise AutomammoError(f"objective {obj.name} applies to binary tasks only; "
+                             f"task {task.name} has {task.n_classes} classes")
     if min_sensitivity is not None and not task.binary:
         raise AutomammoError(f"--min-sensitivity applies to binary tasks; task {task.name} has {task.n_classes} classes")
     rule = ThresholdRule(obj, min_sensitivity)
@@ -372,7 +377,13 @@ def ensemble_and_export(run_dirs, out, meta: str | None = None, top: int = 5, di
     if best is None:
         raise AutomammoError("no meta-learner could be fitted: " +
                              "; ".join(f"{n}: {a.error}" for n, a in assessments.items()))
-    member_view = [assess(c.key, c.probs_at(rows), y, fold_list, task, obj, rule) for c, _ in chosen]
+    # The best single member judged exactly like the meta-learners: does stacking help?
+    member_view = []
+    for c, _ in chosen:
+        try:
+            member_view.append(assess(c.key, c.probs_at(rows), y, fold_list, task, obj, rule))
+        except AutomammoError as exc:
+            member_view.append(Assessment(c.key, error=str(exc)))
     best_member = max(member_view, key=lambda a: -np.inf if a.score is None else
                       (a.score if rule.min_sensitivity is not None or obj.direction == "max" else -a.score))
 

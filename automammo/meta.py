@@ -106,6 +106,15 @@ class MetaLearner:
         except (TypeError, ValueError, IndexError) as exc:
             raise BundleError(f"meta-learner {cls.name}: stored parameters are malformed ({exc})") from None
         learner._check_loaded()
+        # Whatever a plugin's own checks miss, parameters that cannot predict one row of the
+        # stored width are refused here, at load time, not on a user's first patch.
+        try:
+            probe = learner.predict_proba(np.zeros((1, learner.n_features)))
+        except Exception as exc:  # noqa: BLE001 - any failure means unusable parameters
+            raise BundleError(f"meta-learner {cls.name}: stored parameters do not predict "
+                              f"({type(exc).__name__}: {exc})") from None
+        if probe.shape != (1, learner.n_classes) or not np.all(np.isfinite(probe)):
+            raise BundleError(f"meta-learner {cls.name}: stored parameters give unusable probabilities")
         return learner
 
     # -- what subclasses implement -----------------------------------------------------

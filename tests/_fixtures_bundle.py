@@ -6,7 +6,6 @@ a search costs seconds, and every test of the bundle machinery only needs *a* fi
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 

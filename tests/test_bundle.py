@@ -282,8 +282,8 @@ def test_a_pair_bundle_needs_and_uses_baselines(tmp_path):
         b.predict_proba(lesions)
     Image.fromarray(lesions[0]).save(tmp_path / "l.png")
     Image.fromarray(baselines[0]).save(tmp_path / "b.png")
-    ok = CliRunner().invoke(cli, ["predict", str(b.path), str(tmp_path / "l.png"), "--baseline", str(tmp_path / "b.png"),
-                                  "--out", str(tmp_path / "p.csv")])
+    ok = CliRunner().invoke(cli, ["predict", str(b.path), str(tmp_path / "l.png"),
+                                  "--baseline", str(tmp_path / "b.png"), "--out", str(tmp_path / "p.csv")])
     assert ok.exit_code == 0, ok.output
     assert f"{p[0, 1]:.6f}" in (tmp_path / "p.csv").read_text()
     missing = CliRunner().invoke(cli, ["predict", str(b.path), str(tmp_path / "l.png")])

@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 from _fixtures_bundle import finished_run
 from automammo import registry
 from automammo.dataset import load as load_dataset
-from automammo.ensemble import Candidate, ensemble_and_export, select_members
+from automammo.ensemble import Candidate, ensemble_and_export, select_members, stacking_rows
 from automammo.errors import AutomammoError, RunError
 from automammo.evaluation import (ThresholdRule, _weighted_auc, candidate_thresholds, clinical_metrics,
                                   cross_validated_decisions, min_sensitivity_threshold)
@@ -161,6 +161,15 @@ def test_diverse_takes_each_builders_best_before_any_second_best():
     diverse = [c.trial_id for c, _ in select_members(ranked, 4, diverse=True)]
     assert plain == ["0", "1", "2"]
     assert diverse == ["0", "2", "4", "1"]
+
+
+def test_stacking_rows_are_those_every_run_held_out():
+    a = Candidate(Run("/a"), {}, {"trial_id": "0"}, np.array([5, 1, 9, 3]), np.zeros((4, 2)))
+    b = Candidate(Run("/b"), {}, {"trial_id": "0"}, np.array([3, 4, 5, 7]), np.zeros((4, 2)))
+    np.testing.assert_array_equal(stacking_rows([a, b]), [3, 5])
+    c = Candidate(Run("/c"), {}, {"trial_id": "0"}, np.array([2]), np.zeros((1, 2)))
+    with pytest.raises(RunError, match="share no validation rows"):
+        stacking_rows([a, c])
 
 
 # -- the whole stage on a finished run ---------------------------------------------------------------

@@ -240,6 +240,8 @@ class RichReporter:
 @click.option("--patience", type=click.IntRange(0), default=4, show_default=True, help="Early-stopping patience in epochs.")
 @click.option("--image-size", type=click.IntRange(8, 1024), default=None, help="Model input side in px [default: the data's].")
 @click.option("--val-fraction", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True)
+@click.option("--folds", type=click.IntRange(1, 20), default=1, show_default=True,
+              help="Score each trial by the mean over K patient-grouped folds of train (1: one split).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--contrast-stretch/--no-contrast-stretch", default=False, show_default=True,
               help="Stretch each patch's 2nd-98th percentile to the full range.")
@@ -260,7 +262,7 @@ class RichReporter:
 @click.option("--ensemble/--no-ensemble", default=True, show_default=True,
               help="Stack the best trials, tune the threshold and export a bundle at the end.")
 def search(data_path, task, objective, builders, tuner, trials, epochs, patience, image_size, val_fraction,
-           seed, contrast_stretch, symmetries, rotation, shift, zoom, weights, weights_dir, keep_models,
+           folds, seed, contrast_stretch, symmetries, rotation, shift, zoom, weights, weights_dir, keep_models,
            run_dir, resume, overwrite, tensorboard, ensemble):
     """Search model families and hyperparameters for TASK, scored by OBJECTIVE."""
     from automammo.search import SearchConfig, run_search
@@ -272,7 +274,7 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
     config = SearchConfig(
         task=task, objective=objective, data=str(data_path) if data_path else None, builders=list(builders),
         tuner=tuner, trials=trials or 10, epochs=epochs, patience=patience, image_size=image_size,
-        seed=seed, val_fraction=val_fraction, contrast_stretch=contrast_stretch,
+        seed=seed, val_fraction=val_fraction, folds=folds, contrast_stretch=contrast_stretch,
         augmentation={"symmetries": symmetries, "rotation": rotation, "shift": shift, "zoom": zoom},
         weights=weights, weights_dir=weights_dir, keep_models=keep_models, tensorboard=tensorboard,
     )

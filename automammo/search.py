@@ -33,7 +33,7 @@ from automammo.errors import AutomammoError, DataError, RunError
 from automammo.objectives import applicable
 from automammo.preprocess import Augmentation, Preprocessing, TrialData, bit_depth_scale
 from automammo.runs import Run
-from automammo.splits import fit_validation_split
+from automammo.splits import fit_validation_split, grouped_folds
 from automammo.tasks import Task, check_classes, get_task
 
 TUNERS = ("random", "bayesian", "hyperband")
@@ -54,6 +54,7 @@ class SearchConfig:
     image_size: int | None = None
     seed: int = 0
     val_fraction: float = 0.2
+    folds: int = 1
     contrast_stretch: bool = False
     augmentation: dict = field(default_factory=lambda: Augmentation().to_dict())
     weights: str = "imagenet"
@@ -112,14 +113,36 @@ def resolve_data(config: SearchConfig, reporter: Reporter) -> tuple[Dataset, str
 
 
 @dataclass
-class PreparedData:
-    task: Task
+class Fold:
+    """One fit/validation split of ``train``: dataset rows and the trial pipelines."""
+
     trial_data: TrialData
-    preprocessing: Preprocessing
     fit_rows: np.ndarray
     val_rows: np.ndarray
+
+
+@dataclass
+class PreparedData:
+    """The search's data. ``folds[0]`` is the canonical split: its models and validation
+    predictions are the ones kept; further folds only add to each trial's score."""
+
+    task: Task
+    folds: list[Fold]
+    preprocessing: Preprocessing
     source: str
     fingerprint: str
+
+    @property
+    def trial_data(self) -> TrialData:
+        return self.folds[0].trial_data
+
+    @property
+    def fit_rows(self) -> np.ndarray:
+        return self.folds[0].fit_rows
+
+    @property
+    def val_rows(self) -> np.ndarray:
+        return self.folds[0].val_rows
 
 
 def prepare_data(ds: Dataset, task: Task, config: SearchConfig, source: str, need_pairs: bool) -> PreparedData:
@@ -128,31 +151,36 @@ def prepare_data(ds: Dataset, task: Task, config: SearchConfig, source: str, nee
         raise DataError(f"{source}: no training samples for task {task.name}")
     y = task.targets(ds.label[rows])
     check_classes(task, y, "train", source)
-    fit_pos, val_pos = fit_validation_split(y, ds.patient[rows], config.val_fraction, config.seed)
-    fit_rows, val_rows = rows[fit_pos], rows[val_pos]
-    check_classes(task, y[fit_pos], "the fit part of train", source)
-    check_classes(task, y[val_pos], "the validation part of train", source)
+    if config.folds > 1:
+        splits = grouped_folds(y, ds.patient[rows], config.folds, config.seed)
+    else:
+        splits = [fit_validation_split(y, ds.patient[rows], config.val_fraction, config.seed)]
     size = int(config.image_size or max(ds.image_shape))
     prep = Preprocessing(size, bit_depth_scale(ds.x), config.contrast_stretch)
-    b_fit = b_val = None
-    if task.lesions_only:
-        partners = ds.pair[rows]
-        if np.all(partners >= 0):
-            b_fit, b_val = prep.apply(ds.x[ds.pair[fit_rows]]), prep.apply(ds.x[ds.pair[val_rows]])
-        elif need_pairs:
-            missing = int(np.sum(partners < 0))
-            raise DataError(
-                f"{source}: {missing} of {len(rows)} training lesions of task {task.name} have no "
-                "baseline partner (pair == -1); pair builders need one for every lesion"
-            )
-    elif need_pairs:
+    pairs = task.lesions_only and bool(np.all(ds.pair[rows] >= 0))
+    if need_pairs and not task.lesions_only:
         raise DataError(f"task {task.name} classifies baselines themselves; pair builders do not apply")
-    data = TrialData(
-        prep.apply(ds.x[fit_rows]), task.targets(ds.label[fit_rows]),
-        prep.apply(ds.x[val_rows]), task.targets(ds.label[val_rows]),
-        task.n_classes, Augmentation(**config.augmentation), b_fit, b_val, config.seed,
-    )
-    return PreparedData(task, data, prep, fit_rows, val_rows, source, ds.fingerprint())
+    if need_pairs and not pairs:
+        missing = int(np.sum(ds.pair[rows] < 0))
+        raise DataError(
+            f"{source}: {missing} of {len(rows)} training lesions of task {task.name} have no "
+            "baseline partner (pair == -1); pair builders need one for every lesion"
+        )
+    # Preprocess every training row once; folds index into the result.
+    x_all = prep.apply(ds.x[rows])
+    b_all = prep.apply(ds.x[ds.pair[rows]]) if pairs else None
+    folds = []
+    for k, (fit_pos, val_pos) in enumerate(splits):
+        where = f" of fold {k + 1}" if len(splits) > 1 else ""
+        check_classes(task, y[fit_pos], f"the fit part{where} of train", source)
+        check_classes(task, y[val_pos], f"the validation part{where} of train", source)
+        data = TrialData(
+            x_all[fit_pos], y[fit_pos], x_all[val_pos], y[val_pos], task.n_classes,
+            Augmentation(**config.augmentation),
+            b_all[fit_pos] if pairs else None, b_all[val_pos] if pairs else None, config.seed,
+        )
+        folds.append(Fold(data, rows[fit_pos], rows[val_pos]))
+    return PreparedData(task, folds, prep, source, ds.fingerprint())
 
 
 # -- builders and objectives ----------------------------------------------------------
@@ -233,31 +261,42 @@ def _make_tuner_class(base):
                 self.oracle.update_space(hp)
 
         def run_trial(self, trial, *args, **kwargs):
-            hp = trial.hyperparameters
-            name, own = builder_hyperparameters(hp.values)
-            builder = self.builders_by_name[name]
-            pair = builder.inputs == "pair"
-            data = self.prepared.trial_data
-            val_inputs = data.inputs("val", pair)
-            keras.utils.set_random_seed(self.config.seed * 1000 + int(hashlib.md5(trial.trial_id.encode()).hexdigest(), 16) % 1000)
-            extra = self._extra.setdefault(trial.trial_id, {"start": time.time(), "history": {}})
+            name, own = builder_hyperparameters(trial.hyperparameters.values)
+            pair = self.builders_by_name[name].inputs == "pair"
+            seed = self.config.seed * 1000 + int(hashlib.md5(trial.trial_id.encode()).hexdigest(), 16) % 1000
+            extra = self._extra.setdefault(trial.trial_id, {"start": time.time(), "folds": []})
             self.reporter.trial_begin(trial.trial_id, name, own)
+            results = []
+            # With --folds K the trial trains once per fold and Keras Tuner scores it by the
+            # mean over the K results; fold 0 is the canonical split whose model is kept.
+            for k, fold in enumerate(self.prepared.folds):
+                keras.utils.set_random_seed(seed + k)
+                history: dict = {}
+                extra["folds"].append(history)
+                fold_kwargs = dict(kwargs, data=fold.trial_data,
+                                   callbacks=self._callbacks(trial.trial_id, fold, k, pair, history,
+                                                             kwargs.get("epochs", self.config.epochs)))
+                results.extend(super().run_trial(trial, *args, **fold_kwargs))
+            return results
+
+        def _callbacks(self, trial_id, fold, k, pair, history, epochs):
+            data = fold.trial_data
+            val_inputs = data.inputs("val", pair)
 
             def predict(model):
                 return model.predict(val_inputs, batch_size=128, verbose=0)
 
-            monitor = f"val_{self.objective_obj.name}"
             callbacks = [
                 make_callback(self.objectives, predict, data.y_val, self.prepared.task.positive),
-                keras.callbacks.EarlyStopping(monitor=monitor, mode=self.objective_obj.direction,
+                keras.callbacks.EarlyStopping(monitor=f"val_{self.objective_obj.name}",
+                                              mode=self.objective_obj.direction,
                                               patience=self.config.patience, restore_best_weights=True),
-                _TrialEnd(self, trial.trial_id, predict),
             ]
-            if self.config.tensorboard:
-                callbacks.append(keras.callbacks.TensorBoard(str(self.run.logs_dir), profile_batch=0))
-            kwargs["callbacks"] = callbacks + [_Progress(self.reporter, kwargs.get("epochs", self.config.epochs), extra)]
-            kwargs["data"] = data
-            return super().run_trial(trial, *args, **kwargs)
+            if k == 0:
+                callbacks.append(_TrialEnd(self, trial_id, predict, fold))
+                if self.config.tensorboard:
+                    callbacks.append(keras.callbacks.TensorBoard(str(self.run.logs_dir), profile_batch=0))
+            return callbacks + [_Progress(self.reporter, epochs, history)]
 
         def on_trial_end(self, trial):
             try:
@@ -267,7 +306,7 @@ def _make_tuner_class(base):
                 self._record_trial(trial)
 
         def _record_trial(self, trial):
-            extra = self._extra.pop(trial.trial_id, {"start": time.time(), "history": {}})
+            extra = self._extra.pop(trial.trial_id, {"start": time.time(), "folds": []})
             record = self._record(trial, extra)
             if record["trial_id"] not in {t.get("trial_id") for t in self.run.trials()}:
                 append_line(self.run.trials_path, record)
@@ -278,15 +317,16 @@ def _make_tuner_class(base):
 
         def _record(self, trial, extra) -> dict:
             name, own = builder_hyperparameters(trial.hyperparameters.values)
-            history = extra.get("history", {})
-            monitor = f"val_{self.objective_obj.name}"
-            series = history.get(monitor, [])
-            best_epoch = None
-            if series:
-                arr = np.asarray(series, dtype=float)
-                best_epoch = int(np.nanargmax(arr) if self.objective_obj.direction == "max" else np.nanargmin(arr))
-            metrics = {k[4:]: _finite(v[best_epoch]) for k, v in history.items()
-                       if k.startswith("val_") and best_epoch is not None and best_epoch < len(v)}
+            folds = extra.get("folds") or [{}]
+            per_fold = [self._best_epoch_metrics(h) for h in folds]
+            history = folds[0]
+            best_epoch, _ = per_fold[0]
+            series = history.get(f"val_{self.objective_obj.name}", [])
+            names = set().union(*(m for _, m in per_fold))
+            metrics = {}
+            for key in sorted(names):
+                values = [m[key] for _, m in per_fold if m.get(key) is not None]
+                metrics[key] = float(np.mean(values)) if values else None
             message = getattr(trial, "message", None)
             status = str(trial.status)
             return {
@@ -300,6 +340,8 @@ def _make_tuner_class(base):
                 "metrics": metrics,
                 "epochs": len(series),
                 "best_epoch": None if best_epoch is None else best_epoch + 1,
+                "folds": len(folds),
+                "fold_scores": [m.get(self.objective_obj.name) for _, m in per_fold] if len(folds) > 1 else None,
                 "history": {k: [_finite(x) for x in v] for k, v in history.items()},
                 "seconds": round(time.time() - extra["start"], 2),
                 "model": str(self.run.model_path(trial.trial_id).relative_to(self.run.path))
@@ -308,6 +350,16 @@ def _make_tuner_class(base):
                 "traceback": message if status != "COMPLETED" else None,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
+
+        def _best_epoch_metrics(self, history: dict) -> tuple[int | None, dict]:
+            """(best epoch index, validation metrics at that epoch) of one training run."""
+            series = history.get(f"val_{self.objective_obj.name}", [])
+            arr = np.asarray([np.nan if v is None else v for v in series], dtype=float)
+            if not len(arr) or np.all(np.isnan(arr)):
+                return None, {}
+            best = int(np.nanargmax(arr) if self.objective_obj.direction == "max" else np.nanargmin(arr))
+            return best, {k[4:]: _finite(v[best]) for k, v in history.items()
+                          if k.startswith("val_") and best < len(v)}
 
         def _best(self) -> dict | None:
             ranked = self.run.ranked(self.objective_obj.direction)
@@ -346,30 +398,30 @@ def _trial_end_callback_base():
 class _TrialEnd(_trial_end_callback_base(), _Unshared):
     """After early stopping restored the best epoch: save the model and its predictions."""
 
-    def __init__(self, tuner, trial_id: str, predict):
+    def __init__(self, tuner, trial_id: str, predict, fold: "Fold"):
         super().__init__()
-        self.tuner, self.trial_id, self.predict = tuner, trial_id, predict
+        self.tuner, self.trial_id, self.predict, self.fold = tuner, trial_id, predict, fold
 
     def on_train_end(self, logs=None):
-        run, prepared = self.tuner.run, self.tuner.prepared
+        run, fold = self.tuner.run, self.fold
         run.preds_dir.mkdir(parents=True, exist_ok=True)
         run.models_dir.mkdir(parents=True, exist_ok=True)
         y_prob = self.predict(self.model)
         with atomic_path(run.preds_path(self.trial_id)) as tmp:
-            np.savez(tmp, index=prepared.val_rows, y_true=prepared.trial_data.y_val, y_prob=y_prob.astype(np.float32))
+            np.savez(tmp, index=fold.val_rows, y_true=fold.trial_data.y_val, y_prob=y_prob.astype(np.float32))
         with atomic_path(run.model_path(self.trial_id), suffix=".keras") as tmp:
             self.model.save(tmp)
 
 
 class _Progress(_trial_end_callback_base(), _Unshared):
-    def __init__(self, reporter: Reporter, epochs: int, extra: dict):
+    def __init__(self, reporter: Reporter, epochs: int, history: dict):
         super().__init__()
-        self.reporter, self.epochs, self.extra = reporter, epochs, extra
+        self.reporter, self.epochs, self.history = reporter, epochs, history
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
         for key, value in logs.items():
-            self.extra["history"].setdefault(key, []).append(_finite(value))
+            self.history.setdefault(key, []).append(_finite(value))
         self.reporter.epoch_end(epoch + 1, self.epochs, logs)
 
 
@@ -472,7 +524,8 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
         "preprocessing": prepared.preprocessing.to_dict(),
         "builders": sorted(builders),
         "objectives": [o.name for o in objectives],
-        "split": {"fit": int(len(prepared.fit_rows)), "validation": int(len(prepared.val_rows))},
+        "split": {"fit": int(len(prepared.fit_rows)), "validation": int(len(prepared.val_rows)),
+                  "folds": len(prepared.folds)},
         "versions": versions(),
     })
     tuner = _tuner_for(config, objective, BuilderChoice(builders), run.path, run=run, prepared=prepared,

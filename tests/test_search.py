@@ -148,3 +148,16 @@ def test_same_seed_same_trials_and_metrics(tmp_path, small_dataset_path):
     runs = [run_search(_config(small_dataset_path, trials=2, epochs=2), tmp_path / f"r{i}") for i in range(2)]
     a, b = ([(t["hyperparameters"], t["metrics"], t["epochs"]) for t in r.trials] for r in runs)
     assert a == b
+
+
+def test_folds_score_each_trial_by_the_mean(tmp_path, small_dataset_path, small_dataset):
+    result = run_search(_config(small_dataset_path, trials=1, epochs=1, folds=3), tmp_path / "r")
+    (trial,) = result.trials
+    assert trial["folds"] == 3 and len(trial["fold_scores"]) == 3
+    assert trial["score"] == pytest.approx(np.mean(trial["fold_scores"]), abs=1e-9)
+    assert trial["metrics"]["f2"] == pytest.approx(np.mean(trial["fold_scores"]), abs=1e-9)
+    # The kept predictions are fold 0's: one third of the training lesions, patient-disjoint.
+    run = Run(result.run_dir)
+    val_rows = run.load_preds(trial["trial_id"])["index"]
+    n_train = int(np.sum((small_dataset.split == "train") & (small_dataset.label > 0)))
+    assert 0.2 * n_train < len(val_rows) < 0.5 * n_train

@@ -261,9 +261,13 @@ class RichReporter:
 @click.option("--tensorboard/--no-tensorboard", default=True, show_default=True, help="Log each trial for TensorBoard.")
 @click.option("--ensemble/--no-ensemble", default=True, show_default=True,
               help="Stack the best trials, tune the threshold and export a bundle at the end.")
+@click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Ensemble members: the best K trials.")
+@click.option("--meta", default=None, help="Meta-learner [default: the best by cross-validation].")
+@click.option("--min-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Binary tasks: threshold with the highest specificity at this sensitivity or more.")
 def search(data_path, task, objective, builders, tuner, trials, epochs, patience, image_size, val_fraction,
            folds, seed, contrast_stretch, symmetries, rotation, shift, zoom, weights, weights_dir, keep_models,
-           run_dir, resume, overwrite, tensorboard, ensemble):
+           run_dir, resume, overwrite, tensorboard, ensemble, top, meta, min_sensitivity):
     """Search model families and hyperparameters for TASK, scored by OBJECTIVE."""
     from automammo.search import SearchConfig, run_search
 
@@ -301,8 +305,33 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
         con.print(f"[bold green]best[/bold green] trial {best['trial_id']} ({best['builder']}): "
                   f"{best['objective']} {best['score']:.4f} on validation; {metrics}")
         con.print(f"model: {Path(result.run_dir) / 'best.keras'}")
+    if ensemble and best:
+        from automammo.ensemble import ensemble_and_export
+
+        out = Path(result.run_dir).with_name(Path(result.run_dir).name + ".ammo")
+        made = ensemble_and_export([result.run_dir], out, meta=meta, top=top, min_sensitivity=min_sensitivity,
+                                   seed=seed, reporter=_EnsembleMessages(con))
+        threshold = "" if made.threshold is None else f", threshold {made.threshold:.3f}"
+        con.print(f"[bold green]bundle[/bold green] {made.bundle}: {len(made.manifest['members'])} members, "
+                  f"meta-learner {made.meta}{threshold}; cross-validated {made.manifest['validation']['score']['name']} "
+                  f"{_fmt(made.score)} (best single member {_fmt(made.best_member.get('score'))})")
+        con.print(f"next: automammo report {result.run_dir}   |   automammo evaluate {made.bundle} --data DATA")
     if result.stopped:
         sys.exit(1)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+class _EnsembleMessages:
+    """Progress messages of the ensemble stage, dimmed."""
+
+    def __init__(self, con):
+        self.con = con
+
+    def message(self, text):
+        self.con.print(f"[dim]{text}[/dim]")
 
 
 def _mount_commands():

@@ -136,7 +136,7 @@ def test_cli_search_end_to_end(tmp_path, small_dataset_path):
     run_dir = tmp_path / "cli-run"
     result = CliRunner().invoke(cli, ["search", "--data", str(small_dataset_path), "--task", "mass-calcification",
                                       "--objective", "auc", "--trials", "1", "--epochs", "1", "--image-size", "32",
-                                      "--builder", "scratch_cnn", "--run", str(run_dir), "--no-tensorboard"])
+                                      "--builder", "scratch_cnn", "--run", str(run_dir), "--no-tensorboard", "--no-ensemble"])
     assert result.exit_code == 0, result.output
     assert "best trial" in result.output
     assert (run_dir / "best.keras").exists()
@@ -161,3 +161,18 @@ def test_folds_score_each_trial_by_the_mean(tmp_path, small_dataset_path, small_
     val_rows = run.load_preds(trial["trial_id"])["index"]
     n_train = int(np.sum((small_dataset.split == "train") & (small_dataset.label > 0)))
     assert 0.2 * n_train < len(val_rows) < 0.5 * n_train
+
+
+def test_cli_default_job_on_the_phantom_exports_a_bundle(tmp_path):
+    """The README's main job, shrunk: no --data means the phantom; ends with a bundle."""
+    run_dir = tmp_path / "phantom-run"
+    result = CliRunner().invoke(cli, ["search", "--task", "benign-malignant", "--objective", "f2",
+                                      "--builder", "scratch_cnn", "--trials", "2", "--epochs", "2",
+                                      "--image-size", "32", "--run", str(run_dir), "--no-tensorboard"])
+    assert result.exit_code == 0, result.output
+    assert "generating the digital phantom" in result.output
+    bundle = tmp_path / "phantom-run.ammo"
+    assert (bundle / "manifest.json").exists(), result.output
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["task"]["name"] == "benign-malignant" and 0 < manifest["threshold"] < 1
+    assert "bundle" in result.output and "threshold" in result.output

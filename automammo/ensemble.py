@@ -442,8 +442,7 @@ def ensemble_and_export(run_dirs, out, meta: str | None = None, top: int = 5, di
             raise BundleError(f"the exported members do not reproduce their validation outputs (max difference {diff:.3g})")
 
     reporter.message(f"writing {out}")
-    write_bundle(out, {**manifest, "meta_learner": {**manifest["meta_learner"], "name": learner.name}},
-                 copies, learner, check=check)
+    write_bundle(out, manifest, copies, learner, check=check)
     return EnsembleResult(out, _read(out), best.name, threshold, best.score,
                           {n: a.summary() for n, a in assessments.items()},
                           {"member": best_member.name, "score": best_member.score})
@@ -455,9 +454,10 @@ def _learners(meta: str | None, features: str) -> dict[str, type[MetaLearner]]:
         if features not in cls.accepts:
             raise AutomammoError(f"meta-learner {meta} stacks {', '.join(cls.accepts)}, not --features {features}")
         return {meta: cls}
-    # Registration order: the built-ins go from simplest to most flexible, and a later
-    # learner must score strictly better to win, so ties go to the simpler one.
-    table = {n: c for n, c in registry.meta_learners().items() if features in c.accepts}
+    # Built-ins first, from simplest to most flexible, then third parties'; a later learner
+    # must score strictly better to win, so a tie keeps the simpler, better-known one.
+    registered = sorted(registry.registered("meta-learner").items(), key=lambda kv: kv[1].package != "automammo")
+    table = {n: r.obj for n, r in registered if features in r.obj.accepts}
     if not table:
         raise AutomammoError(f"no registered meta-learner stacks --features {features}")
     return table

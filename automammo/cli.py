@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -10,8 +11,11 @@ from pathlib import Path
 
 import click
 
-# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) is noise to a CLI user.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ chatter (CUDA probing, oneDNN notes, graph-attribute notices) and its
+# Python retracing warnings are noise to a CLI user; --debug or AUTOMAMMO_DEBUG keeps them.
+if not os.environ.get("AUTOMAMMO_DEBUG") and "--debug" not in sys.argv:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 from automammo import __version__
 from automammo.errors import AutomammoError
@@ -309,8 +313,13 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
         from automammo.ensemble import ensemble_and_export
 
         out = Path(result.run_dir).with_name(Path(result.run_dir).name + ".ammo")
-        made = ensemble_and_export([result.run_dir], out, meta=meta, top=top, min_sensitivity=min_sensitivity,
-                                   seed=seed, reporter=_EnsembleMessages(con))
+        try:
+            made = ensemble_and_export([result.run_dir], out, meta=meta, top=top, min_sensitivity=min_sensitivity,
+                                       seed=seed, reporter=_EnsembleMessages(con))
+        except AutomammoError as exc:
+            # The search itself succeeded; its run stays usable with `automammo ensemble`.
+            con.print(f"[yellow]no bundle[/yellow]: {exc}")
+            sys.exit(1 if result.stopped else 0)
         threshold = "" if made.threshold is None else f", threshold {made.threshold:.3f}"
         con.print(f"[bold green]bundle[/bold green] {made.bundle}: {len(made.manifest['members'])} members, "
                   f"meta-learner {made.meta}{threshold}; cross-validated {made.manifest['validation']['score']['name']} "

@@ -75,7 +75,7 @@ class NNLSMean(MetaLearner):
 
     def _load(self, arrays):
         self.weights = np.asarray(arrays["weights"], dtype=np.float64)
-        if self.weights.shape != (self.n_features // self.n_classes,):
+        if self.n_features % self.n_classes or self.weights.shape != (self.n_features // self.n_classes,):
             raise ValueError(f"weights of shape {self.weights.shape} for {self.n_features} features")
 
 

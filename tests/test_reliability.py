@@ -112,3 +112,25 @@ def test_kill_9_then_resume_keeps_finished_trials(tmp_path, small_dataset_path):
     ids = [t["trial_id"] for t in after]
     assert len(ids) == len(set(ids)) == 3
     assert after[: len(before)] == before, "finished trials are kept as they were"
+
+
+def test_image_size_too_small_for_the_builder_is_one_line(tmp_path, small_dataset_path):
+    from click.testing import CliRunner
+
+    from automammo.cli import cli
+
+    result = CliRunner().invoke(cli, ["search", "--data", str(small_dataset_path), "--builder", "scratch_cnn",
+                                      "--image-size", "12", "--run", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "builder scratch_cnn cannot run: needs images of at least 16 px" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r").exists()
+
+
+def test_debug_shows_the_real_exception(tmp_path):
+    from click.testing import CliRunner
+
+    from automammo.cli import cli
+    from automammo.errors import UnknownNameError
+
+    result = CliRunner().invoke(cli, ["--debug", "search", "--task", "nope", "--run", str(tmp_path / "r")])
+    assert isinstance(result.exception, UnknownNameError)

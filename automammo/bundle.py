@@ -388,6 +388,9 @@ def check_member_file(file: Path, name: str) -> None:
 def load_member_model(file: Path, name: str):
     """Load a member with ``safe_mode=True`` after ``check_member_file``."""
     # Plugins register their custom layers when imported; load them before Keras looks.
+    # automammo.layers is imported directly so that pair members load even if a plugin fails.
+    import automammo.layers  # noqa: F401
+
     registry.builders()
     check_member_file(file, name)
     import keras

@@ -167,6 +167,7 @@ class TrialData:
         self.n_classes = n_classes
         self.augmentation = augmentation
         self.seed = seed
+        self._stacked: dict[str, np.ndarray] = {}
 
     @property
     def has_pairs(self) -> bool:
@@ -190,9 +191,12 @@ class TrialData:
         x = self.x_fit if part == "fit" else self.x_val
         y = self.y_fit if part == "fit" else self.y_val
         if pair:
-            inputs = self.inputs(part, True)
-            stacked = np.concatenate([inputs["lesion"], inputs["baseline"]], axis=-1)
-            ds = tf.data.Dataset.from_tensor_slices((stacked, y))
+            if part not in self._stacked:
+                # Lesion and baseline as two channels, so one transform moves both; built
+                # once per part, not once per trial.
+                inputs = self.inputs(part, True)
+                self._stacked[part] = np.concatenate([inputs["lesion"], inputs["baseline"]], axis=-1)
+            ds = tf.data.Dataset.from_tensor_slices((self._stacked[part], y))
         else:
             ds = tf.data.Dataset.from_tensor_slices((x, y))
         if training:

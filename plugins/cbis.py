@@ -20,8 +20,8 @@ The traps of the real download, and what is done about them:
 - A film can carry several abnormalities, from the mass and the calc CSVs both; every
   baseline keeps off every lesion of its film.
 - A few patients have lesions in the official train CSVs and the official test CSVs. Their
-  training lesions are left out (counted) unless ``--keep-split-overlap``, so that no
-  patient is on both sides of the split.
+  training lesions are left out (counted), so that no patient is on both sides of the
+  split (``dataset.npz`` refuses that leak).
 - Pathology ``BENIGN_WITHOUT_CALLBACK`` is benign.
 """
 
@@ -423,7 +423,6 @@ def import_cbis(
     min_side: int | None = None,
     min_tissue: float = 0.9,
     limit: int | None = None,
-    keep_split_overlap: bool = False,
     echo=print,
 ):
     """Import a CBIS-DDSM download below ``root`` into ``out``; see the module docstring.
@@ -437,7 +436,6 @@ def import_cbis(
             small calcification cluster is cut at native resolution, never blown up).
         min_tissue: smallest fraction of breast tissue in a baseline patch.
         limit: at most this many abnormalities from each CSV (a quick look at the data).
-        keep_split_overlap: keep training lesions of patients who also have test lesions.
         echo: where progress lines go.
 
     Returns:
@@ -483,9 +481,7 @@ def import_cbis(
     test_patients = {cs.patient for cs in cases if cs.split == "test"}
     overlap = {cs.patient for cs in cases if cs.split == "train"} & test_patients
     if overlap:
-        c.note("patients with lesions in both official splits"
-               + (" (kept: --keep-split-overlap)" if keep_split_overlap else " (their training lesions left out)"),
-               len(overlap))
+        c.note("patients with lesions in both official splits (their training lesions left out)", len(overlap))
 
     films: dict[tuple, list[int]] = defaultdict(list)
     for i, case in enumerate(cases):
@@ -520,7 +516,7 @@ def import_cbis(
                 continue
             r = resolved[i]
             case = r.case
-            if case.split == "train" and case.patient in overlap and not keep_split_overlap:
+            if case.split == "train" and case.patient in overlap:
                 c.skip("patient also in the official test set", example=case.where)
                 continue
             if r.image not in images:
@@ -615,9 +611,7 @@ def _progress(items, description: str):
               help="Smallest fraction of breast tissue in a baseline patch.")
 @click.option("--limit", default=None, type=click.IntRange(1, None),
               help="At most N abnormalities from each CSV (a quick look).")
-@click.option("--keep-split-overlap", is_flag=True,
-              help="Keep training lesions of patients who also have official test lesions.")
-def command(root, out, size, margin, min_side, min_tissue, limit, keep_split_overlap):
+def command(root, out, size, margin, min_side, min_tissue, limit):
     """CBIS-DDSM from TCIA (case-description CSVs + DICOM tree) into OUT.npz.
 
     One lesion patch (the ROI mask's bounding box, squared, with margin) and one adjacent
@@ -625,7 +619,7 @@ def command(root, out, size, margin, min_side, min_tissue, limit, keep_split_ove
     split and the CSVs' patient ids.
     """
     import_cbis(root, out, size=size, margin=margin, min_side=min_side, min_tissue=min_tissue,
-                limit=limit, keep_split_overlap=keep_split_overlap, echo=click.echo)
+                limit=limit, echo=click.echo)
 
 
 @hookimpl

@@ -31,6 +31,7 @@ What is simulated, and why:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -46,7 +47,6 @@ __all__ = ["synthesize", "power_law_field", "BETA_RANGE"]
 BETA_RANGE = (2.6, 3.4)
 """Range of the per-breast power-law exponent of the anatomical texture."""
 
-_GRID = 4  # a breast field is _GRID x _GRID cells, each a patch plus a gap
 _REFERENCE_SIZE = 64.0  # lesion geometry below is stated for 64 px patches and scaled
 _SPLAT_STEP = 0.4  # px between the points that trace a line (spicule, duct, vessel)
 
@@ -56,7 +56,7 @@ class _Lesion:
     """One rendered finding: its attenuation map and what it looks like."""
 
     attenuation: np.ndarray
-    lines: list = field(default_factory=list)  # (rows, cols, weights) splats for spicules
+    lines: list = field(default_factory=list)  # spicules as (rows, cols, peaks) for _trace
     size: float = 0.0
     morphology: str = ""
     n_specks: int = 0
@@ -124,11 +124,14 @@ def synthesize(
         "morphology": np.full(n, "normal", dtype=object),
         "n_specks": np.zeros(n, dtype=np.int64),
     }
+    # One field size for every breast of the dataset, so that how much of the breast's
+    # low-frequency texture a patch sees does not depend on its patient's lesion count.
+    grid = 3 if max_lesions_per_patient <= 3 else 4 if max_lesions_per_patient <= 5 else 5
     breast_seeds = root.spawn(len(groups))
     for p, lesion_ids in enumerate(groups):
         rng = np.random.default_rng(breast_seeds[p])
-        breast = _simulate_breast(rng, [labels[i] for i in lesion_ids], size, difficulty, bits)
-        for (lesion_patch, baseline_patch, info), i in zip(breast.patches, lesion_ids):
+        breast = _simulate_breast(rng, [labels[i] for i in lesion_ids], size, difficulty, bits, grid)
+        for (lesion_patch, baseline_patch, info), i in zip(breast.patches, lesion_ids, strict=True):
             a, b = 2 * i, 2 * i + 1  # a lesion and its baseline sit side by side
             x[a], x[b] = lesion_patch, baseline_patch
             label[a] = labels[i]
@@ -162,17 +165,21 @@ def power_law_field(rng: np.random.Generator, shape: tuple[int, int], beta: floa
     Returns:
         A float32 array of ``shape``.
     """
-    rows, cols = shape
-    fy = sfft.fftfreq(rows)[:, None]
-    fx = sfft.rfftfreq(cols)[None, :]
-    freq = np.hypot(fy, fx)
-    freq[0, 0] = 1.0  # placeholder so the power is finite; the mean is zeroed just below
-    gain = freq ** (-beta / 2.0)
-    gain[0, 0] = 0.0
-    spectrum = sfft.rfft2(rng.standard_normal(shape).astype(np.float32)) * gain.astype(np.float32)
-    texture = sfft.irfft2(spectrum, s=shape)
+    gain = np.exp(np.float32(-beta / 2.0) * _log_frequency(tuple(shape)))
+    gain[0, 0] = 0.0  # no mean: it is zeroed anyway and its "power" would be infinite
+    texture = sfft.irfft2(sfft.rfft2(rng.standard_normal(shape, dtype=np.float32)) * gain, s=shape)
     texture -= texture.mean()
     return (texture / texture.std()).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _log_frequency(shape: tuple[int, int]) -> np.ndarray:
+    """log of the radial frequency on the rfft2 grid of ``shape`` (0 at the mean's place)."""
+    freq = np.hypot(sfft.fftfreq(shape[0])[:, None], sfft.rfftfreq(shape[1])[None, :])
+    freq[0, 0] = 1.0
+    logf = np.log(freq).astype(np.float32)
+    logf.flags.writeable = False
+    return logf
 
 
 # --------------------------------------------------------------------------- arguments
@@ -266,34 +273,32 @@ class _Breast:
     patches: list  # (lesion patch, baseline patch, _LesionInfo) per lesion
 
 
-def _simulate_breast(rng, labels, size, difficulty, bits) -> _Breast:
-    """One breast: a texture field, its lesions, and a (lesion, baseline) crop per lesion."""
+def _simulate_breast(rng, labels, size, difficulty, bits, grid) -> _Breast:
+    """One breast: a texture field of ``grid`` x ``grid`` cells, its lesions, and a
+    (lesion, baseline) crop in two neighbouring cells per lesion."""
     scale = size / _REFERENCE_SIZE
     gap = max(4, size // 8)
     cell = size + gap
-    side = _GRID * cell
+    side = grid * cell
     beta = float(rng.uniform(*BETA_RANGE))
     density = float(rng.uniform(0.1, 0.9))  # mean glandular fraction
+    density_logit = math.log(density / (1.0 - density))
 
-    # Glandular fraction through a gentle logistic, so the texture stays close to linear in
-    # the power-law field (and keeps its spectrum) while being bounded to [0, 1].
     texture = power_law_field(rng, (side, side), beta)
-    glandular = 1.0 / (1.0 + np.exp(-(1.1 * texture + math.log(density / (1.0 - density)))))
     lesion_layer = np.zeros((side, side), np.float32)
-    line_layer = np.zeros((side, side), np.float32)
-    _add_curvilinear_structures(rng, line_layer)
+    lines = _curvilinear_structures(rng, side)
 
-    contrast = 1.0 - 0.6 * difficulty
-    noise_sd = 0.012 + 0.03 * difficulty
+    contrast = 1.0 - 0.5 * difficulty
+    noise_sd = 0.01 + 0.025 * difficulty
     gain = rng.uniform(0.9, 1.1)
     offset = rng.uniform(-0.03, 0.03)
-    mtf_sigma = 0.6 * max(scale, 0.5)
-    line_sigma = 0.7 * max(scale, 0.5)
+    mtf_sigma = 0.5 * max(scale, 0.5)
+    line_sigma = 0.35 * max(scale, 0.5)
     margin = int(math.ceil(4 * math.hypot(mtf_sigma, line_sigma))) + 1
 
-    cells = _pick_cell_pairs(rng, len(labels))
+    cells = _pick_cell_pairs(rng, len(labels), grid)
     crops = []
-    for lab, (lesion_cell, baseline_cell) in zip(labels, cells):
+    for lab, (lesion_cell, baseline_cell) in zip(labels, cells, strict=True):
         r0, c0 = _cell_origin(rng, lesion_cell, cell, gap)
         suspicion = _draw_suspicion(rng, malignant=lab in (2, 4), difficulty=difficulty)
         if lab in (1, 2):
@@ -301,20 +306,23 @@ def _simulate_breast(rng, labels, size, difficulty, bits) -> _Breast:
         else:
             lesion = _render_calcification(rng, size, scale, suspicion, contrast, difficulty)
         lesion_layer[r0:r0 + size, c0:c0 + size] += lesion.attenuation
-        for rows, cols, weights in lesion.lines:
-            _splat(line_layer, rows + r0, cols + c0, weights)
+        lines += [(rows + r0, cols + c0, peaks) for rows, cols, peaks in lesion.lines]
         info = _LesionInfo(lesion.size, suspicion, lesion.morphology, lesion.n_specks)
         crops.append(((r0, c0), _cell_origin(rng, baseline_cell, cell, gap), info))
 
-    # Dense tissue masks what lies in it: a lesion shows less over glandular tissue.
-    tissue = glandular + lesion_layer * (1.0 - 0.4 * glandular)
+    line_layer = _trace((side, side), lines)
     max_value = 2**bits - 1
     dtype = np.uint8 if bits <= 8 else np.uint16
 
     def image(r0, c0):
         lo_r, lo_c = max(0, r0 - margin), max(0, c0 - margin)
         window = (slice(lo_r, r0 + size + margin), slice(lo_c, c0 + size + margin))
-        t = ndimage.gaussian_filter(tissue[window], mtf_sigma)
+        # Glandular fraction through a gentle logistic, so the texture stays close to linear
+        # in the power-law field (and keeps its spectrum) while bounded to [0, 1].
+        glandular = 1.0 / (1.0 + np.exp(-(1.1 * texture[window] + density_logit)))
+        # Dense tissue masks what lies in it: a lesion shows less over glandular tissue.
+        tissue = glandular + lesion_layer[window] * (1.0 - 0.4 * glandular)
+        t = ndimage.gaussian_filter(tissue, mtf_sigma)
         t += _line_image(line_layer[window], math.hypot(mtf_sigma, line_sigma))
         t = t[r0 - lo_r:r0 - lo_r + size, c0 - lo_c:c0 - lo_c + size]
         t = t + rng.normal(0.0, noise_sd, t.shape)
@@ -333,11 +341,11 @@ def _line_image(traced, sigma):
     return ndimage.gaussian_filter(traced, sigma) * (math.sqrt(2 * np.pi) * sigma)
 
 
-def _pick_cell_pairs(rng, n) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+def _pick_cell_pairs(rng, n, grid) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """``n`` disjoint pairs of neighbouring grid cells: (lesion cell, baseline cell)."""
-    candidates = [((i, j), (i, j + 1)) for i in range(_GRID) for j in range(_GRID - 1)]
-    candidates += [((i, j), (i + 1, j)) for i in range(_GRID - 1) for j in range(_GRID)]
-    while True:  # a greedy pass fails only rarely for n <= 8 on a 4x4 grid; redraw then
+    candidates = [((i, j), (i, j + 1)) for i in range(grid) for j in range(grid - 1)]
+    candidates += [((i, j), (i + 1, j)) for i in range(grid - 1) for j in range(grid)]
+    while True:  # a greedy pass can strand cells; it then simply draws again
         used, pairs = set(), []
         for k in rng.permutation(len(candidates)):
             a, b = candidates[k]
@@ -357,16 +365,17 @@ def _cell_origin(rng, cell_index, cell, gap) -> tuple[int, int]:
 
 def _draw_suspicion(rng, malignant: bool, difficulty: float) -> float:
     """The latent morphology score: benign near 0, malignant near 1, overlapping with difficulty."""
-    separation = 0.8 - 0.5 * difficulty
-    spread = 0.07 + 0.17 * difficulty
+    separation = 0.8 - 0.6 * difficulty
+    spread = 0.07 + 0.2 * difficulty
     centre = 0.5 + (separation / 2 if malignant else -separation / 2)
     return float(np.clip(rng.normal(centre, spread), 0.0, 1.0))
 
 
-def _add_curvilinear_structures(rng, layer) -> None:
-    """Faint ducts, vessels and ligaments, running roughly towards the nipple."""
-    side = layer.shape[0]
+def _curvilinear_structures(rng, side) -> list:
+    """Faint ducts, vessels and ligaments running roughly towards the nipple, as a list of
+    traced lines (rows, cols, peaks) for ``_trace``."""
     heading = rng.uniform(0, np.pi)
+    lines = []
     for _ in range(int(rng.integers(6, 14))):
         n_steps = int(rng.uniform(0.4, 1.0) * side / _SPLAT_STEP)
         # A slow random walk of the heading: gently curving, never kinked.
@@ -374,23 +383,29 @@ def _add_curvilinear_structures(rng, layer) -> None:
         start = rng.uniform(0, side, 2)
         rows = start[0] + _SPLAT_STEP * np.cumsum(np.sin(angle))
         cols = start[1] + _SPLAT_STEP * np.cumsum(np.cos(angle))
-        _splat(layer, rows, cols, np.full(n_steps, rng.uniform(0.03, 0.08)))
+        lines.append((rows, cols, np.full(n_steps, rng.uniform(0.03, 0.08))))
+    return lines
 
 
-def _splat(layer, rows, cols, peaks) -> None:
-    """Trace a line given as points ``_SPLAT_STEP`` apart, bilinearly.
-
-    ``_line_image`` blurs the traced layer into lines whose crest equals ``peaks``.
-    """
-    weights = np.asarray(peaks, dtype=float) * _SPLAT_STEP
-    h, w = layer.shape
+def _trace(shape, lines) -> np.ndarray:
+    """Rasterise lines given as points ``_SPLAT_STEP`` apart, each spread bilinearly over
+    its four pixels; ``_line_image`` then blurs them into lines whose crest is ``peaks``."""
+    h, w = shape
+    rows = np.concatenate([line[0] for line in lines])
+    cols = np.concatenate([line[1] for line in lines])
+    weights = np.concatenate([line[2] for line in lines]) * _SPLAT_STEP
     inside = (rows >= 0) & (rows < h - 1) & (cols >= 0) & (cols < w - 1)
     rows, cols, weights = rows[inside], cols[inside], weights[inside]
-    r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
+    r0, c0 = np.floor(rows).astype(np.int64), np.floor(cols).astype(np.int64)
     fr, fc = rows - r0, cols - c0
-    for dr, dc, share in ((0, 0, (1 - fr) * (1 - fc)), (0, 1, (1 - fr) * fc),
-                          (1, 0, fr * (1 - fc)), (1, 1, fr * fc)):
-        np.add.at(layer, (r0 + dr, c0 + dc), (weights * share).astype(layer.dtype))
+    index = r0 * w + c0
+    traced = np.bincount(
+        np.concatenate([index, index + 1, index + w, index + w + 1]),
+        weights=np.concatenate([weights * (1 - fr) * (1 - fc), weights * (1 - fr) * fc,
+                                weights * fr * (1 - fc), weights * fr * fc]),
+        minlength=h * w,
+    )
+    return traced.reshape(h, w).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- masses
@@ -416,30 +431,33 @@ def _render_mass(rng, size, scale, suspicion, contrast, difficulty) -> _Lesion:
                                 + (np.sin(theta - tilt) * math.sqrt(elongation)) ** 2)
     lobulation = _ramp(m, 0.15, 0.6) * rng.uniform(0.5, 1.0)
     irregularity = _ramp(m, 0.4, 0.9) * rng.uniform(0.6, 1.0)
-    modulation = np.ones_like(theta)
+    # Summed on a fine ring of angles and looked up per pixel: far cheaper than 14 cosines
+    # per pixel on large patches.
+    ring = np.linspace(-np.pi, np.pi, 1025)
+    modulation = np.ones_like(ring)
     for k in range(3, 6):
-        modulation += 0.1 * lobulation * rng.uniform(0.3, 1.0) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+        modulation += 0.1 * lobulation * rng.uniform(0.3, 1.0) * np.cos(k * ring + rng.uniform(0, 2 * np.pi))
     for k in range(6, 17):
-        modulation += 0.07 * irregularity * rng.uniform(0.2, 1.0) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
-    boundary = boundary * modulation
+        modulation += 0.07 * irregularity * rng.uniform(0.2, 1.0) * np.cos(k * ring + rng.uniform(0, 2 * np.pi))
+    boundary = boundary * np.interp(theta, ring, modulation).astype(np.float32)
 
     margin_width = (0.35 + 2.2 * _ramp(m, 0.3, 0.85) * rng.uniform(0.6, 1.0)) * max(scale, 0.5)
     u = r / boundary
     dome = np.sqrt(np.clip(1.0 - u**2, 0.0, 1.0))
     edge = _sigmoid((boundary - r) / margin_width)
     # High density is itself a (weak) BI-RADS sign of malignancy.
-    amplitude = contrast * rng.uniform(0.2, 0.34) * (1.0 + 0.25 * (m - 0.5))
+    amplitude = contrast * rng.uniform(0.3, 0.45) * (1.0 + 0.15 * (m - 0.5))
     attenuation = amplitude * (0.45 + 0.55 * dome) * edge
 
     lines = []
-    n_spicules = int(rng.poisson(22 * _ramp(m, 0.45, 1.0)))
+    n_spicules = int(rng.poisson(18 * _ramp(m, 0.4, 0.9)))
     for _ in range(n_spicules):
         lines.append(_spicule(rng, size, cy, cx, radius, elongation, tilt, amplitude))
 
     morphology = _mass_descriptor(m, elongation, n_spicules)
     lesion = _Lesion(attenuation.astype(np.float32), lines, 2.0 * radius, morphology)
     # Coarse or fine calcifications inside a mass occur; they blur mass vs calcification.
-    if rng.random() < 0.05 + 0.3 * difficulty:
+    if rng.random() < 0.03 + 0.12 * difficulty:
         specks = int(rng.integers(1, 3)) if m < 0.5 else int(rng.integers(2, 6))
         lesion.n_specks = _add_specks_near(rng, lesion.attenuation, cy, cx, 0.6 * radius, specks,
                                            scale, contrast, fine=m >= 0.5)
@@ -447,20 +465,20 @@ def _render_mass(rng, size, scale, suspicion, contrast, difficulty) -> _Lesion:
 
 
 def _spicule(rng, size, cy, cx, radius, elongation, tilt, amplitude):
-    """A radiating, tapering line from inside the margin outwards, as (rows, cols, weights)."""
+    """A radiating, tapering line from inside the margin outwards, as (rows, cols, peaks)."""
     angle = rng.uniform(0, 2 * np.pi)
     base = radius / math.sqrt((math.cos(angle - tilt) / math.sqrt(elongation)) ** 2
                               + (math.sin(angle - tilt) * math.sqrt(elongation)) ** 2)
-    start = 0.7 * base
+    start = 0.85 * base
     room = 0.5 * size - 2.0 - math.hypot(cy - (size - 1) / 2, cx - (size - 1) / 2)
-    length = min(rng.uniform(0.6, 1.6) * radius, max(room - start, 1.0))
+    length = min(rng.uniform(0.5, 2.2) * radius, max(room - start, 1.0))
     # A slight deviation from the radial direction, so spicules do not all meet at one point.
     direction = angle + rng.normal(0, 0.08)
     t = np.arange(0.0, length, _SPLAT_STEP)
     rows = cy + start * math.sin(angle) + t * math.sin(direction)
     cols = cx + start * math.cos(angle) + t * math.cos(direction)
     taper = 1.0 - t / length
-    return rows, cols, amplitude * rng.uniform(0.5, 0.9) * taper
+    return rows, cols, amplitude * rng.uniform(0.4, 0.9) * taper
 
 
 def _mass_descriptor(m, elongation, n_spicules) -> str:
@@ -515,27 +533,31 @@ def _render_calcification(rng, size, scale, suspicion, contrast, difficulty) -> 
             _disc(layer, y, x, r, r, 0.0, contrast * rng.uniform(0.45, 0.8))
         descriptor = "calcification amorphous clustered"
     else:
-        count = int(np.clip(rng.normal(8 + 22 * m, 5), 6, 40))
+        count = int(np.clip(rng.normal(6 + 20 * m, 4), 6, 32))
         linear = rng.random() < _ramp(m, 0.6, 1.0) * 0.8
         if linear:
             spots, headings = _branching_path(rng, centre, count, size)
         else:
-            spots = centre + rng.normal(0, rng.uniform(0.05, 0.09) * size, (count, 2))
+            spots = centre + rng.normal(0, rng.uniform(0.08, 0.13) * size, (count, 2))
             headings = rng.uniform(0, np.pi, count)
-        for (y, x), heading in zip(_inside(spots, size, 3 * px), headings):
-            # Pleomorphic: each speck is a small cluster of fragments of varying size/shape.
-            for _ in range(int(rng.integers(1, 4))):
-                r = rng.uniform(0.45, 1.05) * px
-                aspect = rng.uniform(1.0, 2.8 if linear else 1.8)
-                jitter = rng.normal(0, 0.5 * px, 2)
-                _disc(layer, y + jitter[0], x + jitter[1], r * aspect, r / aspect * 1.2, heading,
-                      contrast * rng.uniform(0.55, 1.0))
+        keep = _inside_mask(spots, size, 3 * px)
+        for (y, x), heading in zip(spots[keep], headings[keep], strict=True):
+            # Pleomorphic: specks differ in size, elongation and density, and some are
+            # broken into two fragments along their duct.
+            r = rng.uniform(0.35, 0.8) * px
+            stretch = math.sqrt(rng.uniform(1.0, 3.0 if linear else 1.8))
+            amp = contrast * rng.uniform(0.6, 1.2)
+            _disc(layer, y, x, r * stretch, r / stretch, heading, amp)
+            if rng.random() < 0.35:
+                shift = (r * stretch + 0.9 * px) * rng.choice([-1.0, 1.0])
+                _disc(layer, y + shift * math.sin(heading), x + shift * math.cos(heading),
+                      0.7 * r * stretch, 0.7 * r / stretch, heading, amp)
         descriptor = ("calcification fine-linear branching" if linear
                       else "calcification fine pleomorphic clustered")
     specks = _inside(spots, size, 3 * px)
     extent = 2.0 * np.max(np.hypot(*(specks - specks.mean(0)).T)) + 4 * px if len(specks) else 0.0
     # A faint density under a cluster (focal asymmetry) blurs calcification vs mass.
-    if rng.random() < 0.05 + 0.3 * difficulty:
+    if rng.random() < 0.03 + 0.12 * difficulty:
         yy, xx = np.mgrid[0:size, 0:size]
         width = rng.uniform(0.1, 0.18) * size
         glow = np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * width**2))
@@ -544,20 +566,25 @@ def _render_calcification(rng, size, scale, suspicion, contrast, difficulty) -> 
 
 
 def _branching_path(rng, centre, count, size):
-    """Speck positions along a small random tree of duct segments, and their headings."""
-    heading = rng.uniform(0, 2 * np.pi)
-    segments = [(centre.copy(), heading)]
+    """Speck positions along a small duct tree (a trunk and 1-3 side branches), with the
+    heading of the duct at each speck: casts of calcified ductal carcinoma in situ."""
+    heading = rng.uniform(0, np.pi)
+    length = rng.uniform(0.25, 0.4) * size
+    trunk_start = centre - 0.5 * length * np.array([np.sin(heading), np.cos(heading)])
+    segments = [(trunk_start, heading, length)]
     for _ in range(int(rng.integers(1, 4))):
-        origin, parent = segments[int(rng.integers(0, len(segments)))]
-        segments.append((origin + rng.uniform(0.03, 0.1) * size * np.array([np.sin(parent), np.cos(parent)]),
-                         parent + rng.choice([-1, 1]) * rng.uniform(0.3, 0.8)))
+        start, angle, seg_length = segments[0]
+        fork = start + rng.uniform(0.2, 0.8) * seg_length * np.array([np.sin(angle), np.cos(angle)])
+        segments.append((fork, angle + rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 0.9),
+                         rng.uniform(0.1, 0.2) * size))
+    lengths = np.array([seg[2] for seg in segments])
+    which = rng.choice(len(segments), size=count, p=lengths / lengths.sum())
     spots, headings = [], []
-    for k in range(count):
-        origin, angle = segments[k % len(segments)]
-        t = rng.uniform(-0.05, 0.18) * size
+    for k in which:
+        start, angle, seg_length = segments[k]
         along = np.array([np.sin(angle), np.cos(angle)])
         across = np.array([along[1], -along[0]])
-        spots.append(origin + t * along + rng.normal(0, 0.6) * across)
+        spots.append(start + rng.uniform(0, seg_length) * along + rng.normal(0, 0.008 * size) * across)
         headings.append(angle)
     return np.array(spots), np.array(headings)
 
@@ -572,9 +599,15 @@ def _add_specks_near(rng, layer, cy, cx, spread, count, scale, contrast, fine) -
     return len(spots)
 
 
-def _inside(spots, size, border) -> np.ndarray:
+def _inside_mask(spots, size, border) -> np.ndarray:
     spots = np.asarray(spots, dtype=float).reshape(-1, 2)
-    return spots[np.all((spots >= border) & (spots <= size - 1 - border), axis=1)]
+    return np.all((spots >= border) & (spots <= size - 1 - border), axis=1)
+
+
+def _inside(spots, size, border) -> np.ndarray:
+    """The speck positions that lie at least ``border`` px inside the patch."""
+    spots = np.asarray(spots, dtype=float).reshape(-1, 2)
+    return spots[_inside_mask(spots, size, border)]
 
 
 def _disc(layer, cy, cx, ry, rx, angle, amplitude, softness=0.35) -> None:

@@ -18,6 +18,7 @@ a display or on global figure state, and each file is written atomically.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,11 @@ def _figure(width: float, height: float):
 def _save(fig, path: Path) -> None:
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, facecolor="white")
+        # The temporary file is private (0600); a figure is meant to be shared like any
+        # file the user writes, so it gets the permissions the umask gives new files.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
 
 
 def _subject(source: Source) -> str:
@@ -242,8 +248,12 @@ def confusion_matrix(source: Source):
     ax.set_yticks(range(len(classes)), classes)
     ax.set(xlabel="decision of the model", ylabel="true class")
     fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
-    threshold = source.preds.threshold if source.preds is not None else (source.manifest or {}).get("threshold")
-    at = f" at threshold {threshold:.2f}" if threshold is not None else ""
+    if source.kind == "bundle":
+        # The manifest's matrix holds cross-validated decisions: each fold at its own threshold.
+        at = ", each fold at the threshold chosen on the others" if source.positive is not None else ""
+    else:
+        threshold = source.preds.threshold
+        at = f" at threshold {threshold:.2f}" if threshold is not None else ""
     ax.set_title(f"Confusion matrix{at}\n{subject}", fontsize=10)
     return fig, "confusion matrix with class names"
 
@@ -282,8 +292,10 @@ def misclassified(source: Source):
     for ax in axes[len(order):]:
         ax.axis("off")
     shown = f"the {len(order)} most confident of {wrong.size}" if len(order) < wrong.size else f"all {wrong.size}"
+    how = ("each fold decided at the threshold chosen on the other folds" if source.kind == "bundle" and positive is not None
+           else (f"decided at {preds.threshold:.2f}" if preds.threshold is not None else "decided by the largest probability"))
     fig.suptitle(f"Misclassified patches ({shown}, most confident first)\n"
-                 f"{_subject(source)}; each pair shares one grey window", fontsize=10)
+                 f"{_subject(source)}; {how}; each pair shares one grey window", fontsize=10)
     return fig, f"{len(order)} misclassified patches, lesion beside baseline, with their probabilities"
 
 

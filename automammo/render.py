@@ -114,8 +114,10 @@ def _header(report: dict, con: Console) -> None:
         split = search.get("split") or {}
         con.print(f"search: {search.get('tuner')} tuner, at most {plural(search.get('epochs'), 'epoch')} "
                   f"(patience {search.get('patience')}), {search.get('image_size')} px, seed {search.get('seed')}; "
-                  f"{split.get('fit', '?')} fit / {split.get('validation', '?')} validation samples; "
-                  f"data {search.get('data') or 'the built-in phantom'}")
+                  f"{split.get('fit', '?')} fit / {split.get('validation', '?')} validation samples"
+                  + (f" in fold 1 of {search['folds']}, each trial scored by the mean over the folds"
+                     if (search.get("folds") or 1) > 1 else "")
+                  + f"; data {search.get('data') or 'the built-in phantom'}")
     con.print()
 
 
@@ -124,12 +126,15 @@ def _leaderboard(report: dict, con: Console) -> None:
     if not board["rows"]:
         con.print("[yellow]no trial has finished yet[/yellow]\n")
         return
-    t = _table(f"Leaderboard: {board['shown']} of {board['completed']} completed trials, best first",
-               "validation scores at each trial's best epoch; epochs = best/ran")
+    folds = max((row.get("folds") or 1) for row in board["rows"])
+    caption = "validation scores at each trial's best epoch; epochs = best/ran"
+    if folds > 1:
+        caption += f"; scores are means over {folds} patient-grouped folds, sd their spread (n - 1)"
+    t = _table(f"Leaderboard: {board['shown']} of {board['completed']} completed trials, best first", caption)
     auc = obj != "auc"  # the objective column already is the AUC
-    for name, justify in (("#", "right"), ("trial", "left"), ("builder", "left"), (obj, "right"),
+    for name, justify in (("#", "right"), ("trial", "left"), ("builder", "left"), (obj, "right"), ("sd", "right"),
                           ("AUC", "right"), ("epochs", "right"), ("seconds", "right"), ("status", "left")):
-        if name != "AUC" or auc:
+        if (name != "AUC" or auc) and (name != "sd" or folds > 1):
             t.add_column(name, justify=justify, no_wrap=name != "builder")
     failures = []
     for row in board["rows"]:
@@ -139,7 +144,8 @@ def _leaderboard(report: dict, con: Console) -> None:
             status = f"[red]{status} ({len(failures)})[/red]"
         epochs = f"{fmt(row['best_epoch'])}/{fmt(row['epochs'])}" if row["epochs"] else "-"
         t.add_row(fmt(row["rank"]), str(row["trial_id"]), str(row["builder"]), fmt(row["score"]),
-                  *([fmt(row["auc"])] if auc else []), epochs, fmt(row["seconds"], 0), status)
+                  *([fmt(row.get("fold_sd"))] if folds > 1 else []), *([fmt(row["auc"])] if auc else []),
+                  epochs, fmt(row["seconds"], 0), status)
     con.print(t)
     for i, row in enumerate(failures, 1):
         con.print(f"  ({i}) trial {row['trial_id']} ({row['builder']}): {row['error'] or 'no reason recorded'}")

@@ -177,18 +177,23 @@ def _trial_predictions(source: Source, record: dict) -> Predictions:
     y_true = np.asarray(stored["y_true"], dtype=np.int64)
     y_prob = np.asarray(stored["y_prob"], dtype=np.float64)
     positive = source.positive
+    folds = int(record.get("folds") or 1)
     optimum = None
     if positive is not None and source.objective.thresholded:
-        # The search logged this optimum for the restored best epoch, i.e. for these very
-        # predictions; recompute it only for records that lack it.
-        optimum = (record.get("metrics") or {}).get(f"{source.objective.name}_threshold")
+        # Without folds the search logged this optimum for the restored best epoch, i.e.
+        # for these very predictions; with folds it logged the mean over the folds.
+        optimum = (record.get("metrics") or {}).get(f"{source.objective.name}_threshold") if folds == 1 else None
         if optimum is None:
             optimum = source.objective.best_threshold(y_true, y_prob, positive)[0]
     groups = source.dataset.patient[rows] if source.dataset is not None else None
+    if folds > 1:
+        description = (f"validation rows of fold 1 of {folds} (the fold whose model is kept) at the trial's "
+                       f"best epoch; the leaderboard's scores are means over the {folds} folds")
+    else:
+        description = "validation rows of the run at the trial's best epoch (the rows the search scored it on)"
     return Predictions(
         subject=f"trial {record['trial_id']} ({record.get('builder', '?')})",
-        description=("validation rows of the run at the trial's best epoch "
-                     "(the rows the search scored it on)"),
+        description=description,
         rows=rows, y_true=y_true, y_prob=y_prob,
         decisions=predict_classes(y_prob, positive, 0.5),
         threshold=0.5 if positive is not None else None,
@@ -434,7 +439,7 @@ def _trials_under_way(run: Run, recorded: set) -> list[str]:
 
 def _search_summary(config: dict) -> dict:
     search = config.get("search", {})
-    keys = ("tuner", "trials", "epochs", "patience", "image_size", "seed", "val_fraction", "builders")
+    keys = ("tuner", "trials", "epochs", "patience", "image_size", "seed", "val_fraction", "folds", "builders")
     return {"data": config.get("data"), "split": config.get("split"), **{k: search.get(k) for k in keys}}
 
 
@@ -468,10 +473,13 @@ def leaderboard(records: list[dict], top: int) -> dict:
 
     def row(r, rank):
         hps = r.get("hyperparameters") or {}
+        per_fold = [v for v in (r.get("fold_scores") or []) if v is not None]
         return {
             "rank": rank, "trial_id": r.get("trial_id"), "builder": r.get("builder"),
             "hyperparameters": {k: hps[k] for k in varying if k in hps},
             "score": r.get("score"), "auc": (r.get("metrics") or {}).get("auc"),
+            "folds": int(r.get("folds") or 1), "fold_scores": r.get("fold_scores"),
+            "fold_sd": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else None,
             "epochs": r.get("epochs"), "best_epoch": r.get("best_epoch"), "seconds": r.get("seconds"),
             "status": r.get("status"), "error": r.get("error"),
         }

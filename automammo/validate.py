@@ -172,12 +172,18 @@ def train_arrays(ds: Dataset, task: Task, prep: Preprocessing, pair: bool) -> Tr
 def partitions(arrays: TrainArrays, task: Task, search: dict, folds: int | None, repeat_seed: int):
     """(fold number or None, fit positions, held-out positions) of one repeat.
 
-    Without folds: the run's own fit/validation split (the search's seed and fraction), the
-    same for every repeat. With folds: a fresh patient-grouped partition per repeat.
+    Without ``folds``: the run's own scheme, the same for every repeat, exactly as
+    ``automammo.search.prepare_data`` made it: its fit/validation split (the search's seed
+    and fraction), or, for a search with ``--folds K``, its K folds. With ``folds``: a
+    fresh patient-grouped partition per repeat, seeded by ``repeat_seed``.
     """
     if folds is None:
-        fit, val = fit_validation_split(arrays.y, arrays.patient, float(search.get("val_fraction", 0.2)),
-                                        int(search.get("seed", 0)))
+        seed = int(search.get("seed", 0))
+        searched = int(search.get("folds") or 1)
+        if searched > 1:
+            return [(k + 1, fit, val) for k, (fit, val) in
+                    enumerate(grouped_folds(arrays.y, arrays.patient, searched, seed))]
+        fit, val = fit_validation_split(arrays.y, arrays.patient, float(search.get("val_fraction", 0.2)), seed)
         return [(None, fit, val)]
     return [(k + 1, fit, val) for k, (fit, val) in enumerate(grouped_folds(arrays.y, arrays.patient, folds, repeat_seed))]
 
@@ -340,7 +346,7 @@ def validate(path, trial_id: str | None = None, repeats: int | None = None, fold
                               "n_validation": int(len(held)), **result})
                 score = result["scores"].get(search["objective"])
                 progress(f"{recipe.label}: repeat {r + 1}/{repeats}"
-                         + (f", fold {fold}/{folds}" if fold else "")
+                         + (f", fold {fold}" if fold else "")
                          + f": {search['objective']} {'-' if score is None else f'{score:.4f}'} "
                            f"({result['best_epoch']}/{result['epochs']} epochs, {result['seconds']:.0f} s)")
         models.append({
@@ -353,7 +359,13 @@ def validate(path, trial_id: str | None = None, repeats: int | None = None, fold
         description = (f"{repeats} x {folds}-fold cross-validation over the patients of the train split"
                        if repeats > 1 else f"{folds}-fold cross-validation over the patients of the train split")
     else:
-        description = f"{repeats} trainings with seeds {seed}-{seed + repeats - 1} on the run's own fit/validation split"
+        searched = int(search.get("folds") or 1)
+        seeds = f"seed {seed}" if repeats == 1 else f"seeds {seed}-{seed + repeats - 1}"
+        if searched > 1:
+            description = f"{repeats} x the run's own {searched} patient-grouped folds ({seeds})"
+        else:
+            description = (f"{repeats} training{'s' if repeats > 1 else ''} on the run's own fit/validation "
+                           f"split ({seeds})")
     return plain({
         "kind": kind, "path": str(path),
         "task": {"name": task.name, "classes": list(task.classes)},

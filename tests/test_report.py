@@ -236,3 +236,24 @@ def test_not_a_run_or_bundle_is_one_line_and_exit_2(tmp_path):
     assert result.exit_code == 2
     assert "neither a run directory" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_k_fold_search_shows_the_spread_over_folds(run_dir, tmp_path):
+    # What `automammo search --folds 3` records: the score is the mean of fold_scores.
+    copy = copy_run(run_dir, tmp_path)
+    records = [json.loads(line) for line in (copy / "trials.jsonl").read_text().splitlines()]
+    for i, r in enumerate(records):
+        r["fold_scores"] = [0.5 + 0.1 * i, 0.6, 0.7 - 0.05 * i]
+        r["folds"], r["score"] = 3, float(np.mean(r["fold_scores"]))
+    (copy / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = json.loads((copy / "config.json").read_text())
+    config["search"]["folds"] = 3
+    (copy / "config.json").write_text(json.dumps(config))
+
+    report = collect(open_source(copy))
+    for row in report["leaderboard"]["rows"]:
+        assert row["folds"] == 3 and row["fold_sd"] == pytest.approx(np.std(row["fold_scores"], ddof=1))
+    assert "fold 1 of 3" in report["evaluated"]["data"]
+    text = rendered(report)
+    assert_fits(text)
+    assert "means over 3 patient-grouped folds" in text and "fold 1 of 3" in text

@@ -167,3 +167,15 @@ def test_summary_leaves_out_missing_scores_and_has_no_sd_for_one_value():
     s = summarize(units)
     assert s["auc"]["mean"] == pytest.approx(0.8) and s["auc"]["sd"] == pytest.approx(np.std([0.7, 0.9], ddof=1))
     assert s["f2"] == {"mean": 0.5, "sd": None, "min": 0.5, "max": 0.5, "n": 1}
+
+
+def test_a_k_fold_run_is_repeated_on_its_own_folds(shared):
+    from automammo.splits import grouped_folds
+
+    ds, task, config, arrays = arrays_of(shared[0])
+    search = {**config["search"], "folds": 3, "seed": 5}
+    own = partitions(arrays, task, search, None, repeat_seed=99)
+    expected = grouped_folds(arrays.y, arrays.patient, 3, 5)
+    assert [k for k, _, _ in own] == [1, 2, 3]
+    for (_, fit, held), (e_fit, e_held) in zip(own, expected):
+        assert np.array_equal(fit, e_fit) and np.array_equal(held, e_held)

@@ -42,10 +42,14 @@ from scipy import ndimage
 from automammo.dataset import Dataset
 from automammo.errors import DataError
 
-__all__ = ["synthesize", "power_law_field", "BETA_RANGE"]
+__all__ = ["synthesize", "power_law_field", "BETA_RANGE", "GENERATOR_VERSION"]
 
 BETA_RANGE = (2.6, 3.4)
 """Range of the per-breast power-law exponent of the anatomical texture."""
+
+GENERATOR_VERSION = 1
+"""Bumped whenever the same arguments start to give different images; a cache of generated
+phantoms should make it part of its key."""
 
 _REFERENCE_SIZE = 64.0  # lesion geometry below is stated for 64 px patches and scaled
 _SPLAT_STEP = 0.4  # px between the points that trace a line (spicule, duct, vessel)

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score  # noqa: E402
 
 from automammo.atomic import write_json  # noqa: E402
-from automammo.phantom import synthesize  # noqa: E402
+from automammo.phantom import GENERATOR_VERSION, synthesize  # noqa: E402
 from automammo.splits import fit_validation_split  # noqa: E402
 from automammo.tasks import TASKS, Task  # noqa: E402
 
@@ -177,9 +177,11 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     write_json(args.out, {
-        "command": "python benchmarks/phantom_difficulty.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python benchmarks/phantom_difficulty.py",
+                             *(argv if argv is not None else sys.argv[1:])]),
         "phantom": {"n_lesions": args.lesions, "size": args.size, "difficulty": args.difficulty,
-                    "seed": args.seed, "fingerprint": ds.fingerprint()},
+                    "seed": args.seed, "generator_version": GENERATOR_VERSION,
+                    "fingerprint": ds.fingerprint()},
         "training": {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size,
                      "validation_fraction": 0.2, "model": "conv 16-32-64 (x2 each, BN), GAP, dropout 0.3, dense 64"},
         "results": rows,

@@ -54,7 +54,8 @@ def report(path, plots_dir, as_json, top, data_path):
               help="Trainings with different seeds [default: 5, or 1 with --folds].")
 @click.option("--folds", type=click.IntRange(2), default=None,
               help="Patient-grouped folds of the train split (each fold held out once) instead of the run's split.")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Maximum epochs per training [default: the run's].")
+@click.option("--epochs", type=click.IntRange(1), default=None,
+              help="Maximum epochs per training [default: the run's].")
 @click.option("--seed", type=int, default=0, show_default=True, help="First seed; repeat r uses seed + r.")
 @click.option("--data", "data_path", type=click.Path(dir_okay=False, path_type=Path),
               help="The dataset, if it moved since the search.")

@@ -142,7 +142,8 @@ def roc(source: Source):
            ylabel="sensitivity (true-positive rate)", aspect="equal")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    target = f"{task.classes[positive]} vs {task.classes[1 - positive]}" if positive is not None else "one class vs the rest"
+    target = (f"{task.classes[positive]} vs {task.classes[1 - positive]}" if positive is not None
+              else "one class vs the rest")
     ax.set_title(f"ROC curve: {target}\n{_subject(source)}", fontsize=10)
     return fig, f"ROC curve of {preds.subject}"
 
@@ -177,7 +178,8 @@ def precision_recall(source: Source):
     ap = average_precision_score(truth, p_pos)
     fig = _figure(6.4, 6)
     ax = fig.subplots()
-    ax.step(recall, precision, where="post", color=_COLOURS[0], lw=2, label=f"{task.classes[positive]} (average precision {ap:.3f})")
+    ax.step(recall, precision, where="post", color=_COLOURS[0], lw=2,
+            label=f"{task.classes[positive]} (average precision {ap:.3f})")
     ax.axhline(truth.mean(), ls=":", color="grey", label=f"prevalence {truth.mean():.2f} (a random guess)")
     for t, marker, text in _operating_points(preds):
         r = binary_rates(preds.y_true, p_pos, positive, [t])
@@ -188,7 +190,8 @@ def precision_recall(source: Source):
             # No positive call at this threshold: precision is undefined, the point has no place.
             ax.plot([], [], marker, color="black", markerfacecolor="white",
                     label=f"{text} {t:.2f}: no {task.classes[positive]} call, precision undefined")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.05), xlabel=f"recall = sensitivity (share of {task.classes[positive]} found)",
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.05),
+           xlabel=f"recall = sensitivity (share of {task.classes[positive]} found)",
            ylabel=f"precision = PPV (share of {task.classes[positive]} calls that are right)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
@@ -292,8 +295,12 @@ def misclassified(source: Source):
     for ax in axes[len(order):]:
         ax.axis("off")
     shown = f"the {len(order)} most confident of {wrong.size}" if len(order) < wrong.size else f"all {wrong.size}"
-    how = ("each fold decided at the threshold chosen on the other folds" if source.kind == "bundle" and positive is not None
-           else (f"decided at {preds.threshold:.2f}" if preds.threshold is not None else "decided by the largest probability"))
+    if positive is None:
+        how = "decided by the largest probability"
+    elif source.kind == "bundle":
+        how = "each fold decided at the threshold chosen on the other folds"
+    else:
+        how = f"decided at {preds.threshold:.2f}"
     fig.suptitle(f"Misclassified patches ({shown}, most confident first)\n"
                  f"{_subject(source)}; {how}; each pair shares one grey window", fontsize=10)
     return fig, f"{len(order)} misclassified patches, lesion beside baseline, with their probabilities"

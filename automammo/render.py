@@ -164,12 +164,13 @@ def _hyperparameter_tables(rows, varying, constant, con: Console, label, noun: s
         headers = [label(r) for r in rows]
         name_width = max(len(n) for n in varying)
         widths = [max(len(headers[i]), *(len(cells[n][i]) for n in varying)) for i in range(len(rows))]
-        budget = max(20, con.width - name_width - 4)
+        # A column takes its width plus 3 for padding and the separator (SIMPLE_HEAD box).
+        budget = max(20, con.width - name_width - 1)
         start = 0
         while start < len(rows):
             used, stop = 0, start
-            while stop < len(rows) and (stop == start or used + widths[stop] + 2 <= budget):
-                used += widths[stop] + 2
+            while stop < len(rows) and (stop == start or used + widths[stop] + 3 <= budget):
+                used += widths[stop] + 3
                 stop += 1
             part = "" if start == 0 and stop == len(rows) else f" ({start + 1}-{stop} of {len(rows)})"
             t = _table(f"Hyperparameters that differ{part}")
@@ -263,7 +264,8 @@ def _ensemble(report: dict, con: Console) -> None:
     con.print(f"ensemble {score_name} {fmt((e.get('score') or {}).get('value'))}, best single member "
               f"{best_member.get('member', '-')} {fmt(best_member.get('score'))} (judged the same way)")
     if e["threshold"] is not None:
-        con.print(f"threshold [bold]{e['threshold']:.4f}[/bold] on p({report['task']['positive']}): {e['threshold_rule']}")
+        con.print(f"threshold [bold]{e['threshold']:.4f}[/bold] on p({report['task']['positive']}): "
+                  f"{e['threshold_rule']}")
     con.print()
 
 

@@ -370,23 +370,20 @@ def collect(source: Source, top: int = DEFAULT_TOP) -> dict:
             "optimum": preds.optimum, "reproduced": preds.reproduced,
         }
         out["thresholds"] = threshold_sweep(source)
-        if source.kind == "bundle":
-            validation = source.manifest["validation"]
-            out["confusion_matrix"] = validation["confusion_matrix"]
-            out["metrics"] = {k: validation[k] for k in ("n", "n_patients", "bootstrap", "metrics")}
-        else:
-            report = clinical_metrics(preds.y_true, preds.y_prob, preds.decisions, task.classes, source.positive,
-                                      preds.groups, _BOOTSTRAP_REPLICATES, seed=0)
-            out["confusion_matrix"] = report["confusion_matrix"]
-            out["metrics"] = {k: report[k] for k in ("n", "n_patients", "bootstrap", "metrics")}
         if preds.reproduced is False:
-            warnings.append("the recomputed out-of-fold decisions do not reproduce the manifest's "
-                                   "confusion matrix; curves may differ slightly from the stored metrics")
-    elif source.kind == "bundle":
-        # Without recomputed predictions the manifest still holds the validated numbers.
-        validation = source.manifest["validation"]
-        out["confusion_matrix"] = validation["confusion_matrix"]
-        out["metrics"] = {k: validation[k] for k in ("n", "n_patients", "bootstrap", "metrics")}
+            warnings.append("the recomputed out-of-fold decisions do not reproduce the manifest's confusion "
+                            "matrix; curves may differ slightly from the stored metrics")
+    if source.kind == "bundle":
+        # The manifest's numbers are the validated ones, with or without recomputed curves.
+        metrics = source.manifest["validation"]
+    elif preds is not None:
+        metrics = clinical_metrics(preds.y_true, preds.y_prob, preds.decisions, task.classes, source.positive,
+                                   preds.groups, _BOOTSTRAP_REPLICATES, seed=0)
+    else:
+        metrics = None
+    if metrics is not None:
+        out["confusion_matrix"] = metrics["confusion_matrix"]
+        out["metrics"] = {k: metrics[k] for k in ("n", "n_patients", "bootstrap", "metrics")}
     out["warnings"] = list(dict.fromkeys(warnings))
     return plain(out)
 
@@ -405,10 +402,11 @@ def run_status(source: Source) -> dict:
     tail = records[-limit:]
     stopped = len(tail) == limit and all(r.get("status") != "COMPLETED" for r in tail)
     of = f" of {planned}" if planned else ""
+    resume = f"continue with automammo search --run {run.path} --resume"
     if under_way:
         state = "in progress"
         message = (f"{len(records)}{of} trials recorded; trial {', '.join(under_way)} under way "
-                   "(or interrupted: continue with automammo search --run RUN --resume)")
+                   f"(or interrupted: {resume})")
     elif stopped and (planned is None or len(records) < planned):
         state = "stopped"
         message = f"stopped after {limit} consecutive failed trials; {len(records)}{of} trials recorded"
@@ -416,7 +414,7 @@ def run_status(source: Source) -> dict:
         state = "in progress"
         why = "no best.keras yet" if not best_model else f"{planned - len(records)} trials to go"
         message = (f"{len(records)}{of} trials recorded, {why}: the search is still running or was "
-                   "interrupted (continue with automammo search --run RUN --resume)")
+                   f"interrupted ({resume})")
     else:
         state = "finished"
         message = f"{len(records)}{of} trials, {completed} completed, {failed} failed"
@@ -501,7 +499,8 @@ def best_per_builder(records: list[dict], direction: str) -> list[dict]:
             entry["failed"] += r.get("status") != "COMPLETED"
             continue
         entry["completed"] += 1
-        if entry["score"] is None or (r["score"] > entry["score"] if direction == "max" else r["score"] < entry["score"]):
+        best = entry["score"]
+        if best is None or (r["score"] > best if direction == "max" else r["score"] < best):
             entry.update(best_trial=r.get("trial_id"), score=r["score"], auc=(r.get("metrics") or {}).get("auc"))
     sign = 1.0 if direction == "max" else -1.0
     return sorted(table.values(), key=lambda e: -math.inf if e["score"] is None else sign * e["score"], reverse=True)
@@ -538,7 +537,8 @@ def ensemble_summary(source: Source) -> dict:
     if rule.get("rule") == "min_sensitivity":
         rule_text = f"highest specificity with sensitivity >= {rule['min_sensitivity']:g}"
     elif rule.get("rule") == "objective":
-        rule_text = f"{'maximises' if source.objective.direction == 'max' else 'minimises'} {rule.get('objective')} on out-of-fold probabilities"
+        verb = "maximises" if source.objective.direction == "max" else "minimises"
+        rule_text = f"{verb} {rule.get('objective')} on out-of-fold probabilities"
     elif m["threshold"] is None:
         rule_text = "none (multi-class task: argmax)"
     else:
@@ -576,12 +576,12 @@ def binary_rates(y_true: np.ndarray, p_pos: np.ndarray, positive: int, threshold
     called = np.asarray(p_pos)[None, :] >= np.asarray(thresholds)[:, None]
     tp = (called & truth).sum(axis=1)
     fp = (called & ~truth).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {
-            "sensitivity": tp / truth.sum() if truth.any() else np.full(len(tp), np.nan),
-            "specificity": ((~called) & ~truth).sum(axis=1) / (~truth).sum() if (~truth).any() else np.full(len(tp), np.nan),
-            "ppv": np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), np.nan),
-        }
+    undefined = np.full(len(tp), np.nan)
+    return {
+        "sensitivity": tp / truth.sum() if truth.any() else undefined,
+        "specificity": ((~called) & ~truth).sum(axis=1) / (~truth).sum() if (~truth).any() else undefined,
+        "ppv": np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), np.nan),
+    }
 
 
 def threshold_sweep(source: Source) -> dict | None:

@@ -118,7 +118,8 @@ def recipes(path, trial_id: str | None = None) -> tuple[str, list[Recipe]]:
             raise RunError(f"{run.path}: no trial {trial_id!r}; recorded: {known}")
         record = found[0]
         if record.get("status") != "COMPLETED":
-            raise RunError(f"trial {trial_id} did not complete in the search ({record.get('error') or record.get('status')}); "
+            why = record.get("error") or record.get("status")
+            raise RunError(f"trial {trial_id} did not complete in the search ({why}); "
                            "validate re-trains completed trials")
     return "run", [Recipe(f"trial {record['trial_id']}", run, config, record, record["builder"],
                           _own(record.get("hyperparameters") or {}))]
@@ -185,7 +186,8 @@ def partitions(arrays: TrainArrays, task: Task, search: dict, folds: int | None,
                     enumerate(grouped_folds(arrays.y, arrays.patient, searched, seed))]
         fit, val = fit_validation_split(arrays.y, arrays.patient, float(search.get("val_fraction", 0.2)), seed)
         return [(None, fit, val)]
-    return [(k + 1, fit, val) for k, (fit, val) in enumerate(grouped_folds(arrays.y, arrays.patient, folds, repeat_seed))]
+    fresh = grouped_folds(arrays.y, arrays.patient, folds, repeat_seed)
+    return [(k + 1, fit, val) for k, (fit, val) in enumerate(fresh)]
 
 
 # -- one training ------------------------------------------------------------------------------

@@ -210,8 +210,9 @@ class RichReporter:
         self.progress.reset(self.epoch_task, description=f"trial {trial_id} {builder}")
 
     def epoch_end(self, epoch, epochs, logs):
-        value = logs.get(f"val_{self.objective}")
-        shown = f" val_{self.objective} {value:.3f}" if isinstance(value, float) else ""
+        key = f"val_{self.objective}_best" if f"val_{self.objective}_best" in logs else f"val_{self.objective}"
+        value = logs.get(key)
+        shown = f" {key} {value:.3f}" if isinstance(value, float) else ""
         self.progress.update(self.epoch_task, completed=epoch, total=epochs,
                              description=f"{self.progress.tasks[self.epoch_task].description.split(' |')[0]} |{shown}")
 
@@ -219,7 +220,8 @@ class RichReporter:
         self.progress.advance(self.trials_task)
         if record["status"] == "COMPLETED":
             score = record.get("score")
-            msg = (f"trial {record['trial_id']} {record['builder']}: {self.objective} "
+            label = record.get("score_key", self.objective).replace("_best", " (best threshold)")
+            msg = (f"trial {record['trial_id']} {record['builder']}: {label} "
                    f"{score:.4f} in {record['epochs']} epochs, {record['seconds']:.0f} s" if score is not None
                    else f"trial {record['trial_id']} {record['builder']}: no score")
         else:
@@ -306,8 +308,9 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
     if best:
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(best["metrics"].items())
                             if v is not None and not k.endswith("_threshold") and not k.endswith("_best"))
+        label = best.get("score_key", best["objective"]).replace("_best", " at its best threshold")
         con.print(f"[bold green]best[/bold green] trial {best['trial_id']} ({best['builder']}): "
-                  f"{best['objective']} {best['score']:.4f} on validation; {metrics}")
+                  f"{label} {best['score']:.4f} on validation; at 0.5: {metrics}")
         con.print(f"model: {Path(result.run_dir) / 'best.keras'}")
     if ensemble and best:
         from automammo.ensemble import ensemble_and_export

@@ -62,7 +62,7 @@ class SearchConfig:
     keep_models: int = 10
     max_consecutive_failures: int = 3
     tensorboard: bool = True
-    phantom: dict = field(default_factory=lambda: {"n_lesions": 400, "size": 64, "difficulty": 0.5, "seed": 0})
+    phantom: dict = field(default_factory=lambda: {"n_lesions": 600, "size": 64, "difficulty": 0.5, "seed": 0})
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchConfig":
@@ -193,6 +193,7 @@ def choose_builders(config: SearchConfig, context: BuildContext, task: Task, has
     explicit = bool(config.builders)
     names = list(config.builders) if explicit else sorted(table)
     chosen: dict[str, Builder] = {}
+    skipped: dict[str, str] = {}
     for name in names:
         cls = registry.get("builder", name)
         reason = None
@@ -208,9 +209,15 @@ def choose_builders(config: SearchConfig, context: BuildContext, task: Task, has
         if reason:
             if explicit:
                 raise AutomammoError(f"builder {name} cannot run: {reason}")
-            reporter.message(f"skipping builder {name}: {reason}")
+            skipped[name] = reason
             continue
         chosen[name] = cls(context)
+    if skipped:
+        # One short line per builder; the full reason (where to put weight files, ...) once.
+        for name, reason in skipped.items():
+            reporter.message(f"skipping builder {name}: {reason.split(' (')[0].split(': ')[0]}")
+        first = next(iter(skipped))
+        reporter.message(f"(for {first}: {skipped[first]})")
     if not chosen:
         raise AutomammoError(f"no builder fits task {task.name}; known: {', '.join(sorted(table))}")
     return chosen
@@ -245,6 +252,7 @@ def _make_tuner_class(base):
                      objectives, search_config: SearchConfig, reporter: Reporter, **kwargs):
             self.run, self.prepared, self.builders_by_name = run, prepared, builders
             self.objective_obj, self.objectives = primary, objectives
+            self.score_key = score_key(primary, prepared.task)
             self.config, self.reporter = search_config, reporter
             self._extra: dict[str, dict] = {}
             super().__init__(*args, **kwargs)
@@ -288,7 +296,7 @@ def _make_tuner_class(base):
 
             callbacks = [
                 make_callback(self.objectives, predict, data.y_val, self.prepared.task.positive),
-                keras.callbacks.EarlyStopping(monitor=f"val_{self.objective_obj.name}",
+                keras.callbacks.EarlyStopping(monitor=f"val_{self.score_key}",
                                               mode=self.objective_obj.direction,
                                               patience=self.config.patience, restore_best_weights=True),
             ]
@@ -321,7 +329,7 @@ def _make_tuner_class(base):
             per_fold = [self._best_epoch_metrics(h) for h in folds]
             history = folds[0]
             best_epoch, _ = per_fold[0]
-            series = history.get(f"val_{self.objective_obj.name}", [])
+            series = history.get(f"val_{self.score_key}", [])
             names = set().union(*(m for _, m in per_fold))
             metrics = {}
             for key in sorted(names):
@@ -335,13 +343,14 @@ def _make_tuner_class(base):
                 "builder": name,
                 "hyperparameters": own,
                 "objective": self.objective_obj.name,
+                "score_key": self.score_key,
                 "direction": self.objective_obj.direction,
                 "score": _finite(trial.score) if status == "COMPLETED" else None,
                 "metrics": metrics,
                 "epochs": len(series),
                 "best_epoch": None if best_epoch is None else best_epoch + 1,
                 "folds": len(folds),
-                "fold_scores": [m.get(self.objective_obj.name) for _, m in per_fold] if len(folds) > 1 else None,
+                "fold_scores": [m.get(self.score_key) for _, m in per_fold] if len(folds) > 1 else None,
                 "history": {k: [_finite(x) for x in v] for k, v in history.items()},
                 "seconds": round(time.time() - extra["start"], 2),
                 "model": str(self.run.model_path(trial.trial_id).relative_to(self.run.path))
@@ -353,7 +362,7 @@ def _make_tuner_class(base):
 
         def _best_epoch_metrics(self, history: dict) -> tuple[int | None, dict]:
             """(best epoch index, validation metrics at that epoch) of one training run."""
-            series = history.get(f"val_{self.objective_obj.name}", [])
+            series = history.get(f"val_{self.score_key}", [])
             arr = np.asarray([np.nan if v is None else v for v in series], dtype=float)
             if not len(arr) or np.all(np.isnan(arr)):
                 return None, {}
@@ -425,10 +434,22 @@ class _Progress(_trial_end_callback_base(), _Unshared):
         self.reporter.epoch_end(epoch + 1, self.epochs, logs)
 
 
-def _tuner_for(config: SearchConfig, objective, hypermodel, run_dir: Path, **kwargs):
+def score_key(objective, task: Task) -> str:
+    """What trials are scored and early-stopped on.
+
+    For a thresholded objective on a binary task this is its value at the
+    validation-optimal threshold (``<name>_best``): the ensemble stage moves the threshold
+    anyway, and at a fixed 0.5 an untrained model that calls everything positive already
+    scores F2 = 0.83 at 50% prevalence, so early stopping would end trials before they learn.
+    The value at 0.5 is recorded too.
+    """
+    return f"{objective.name}_best" if objective.thresholded and task.binary else objective.name
+
+
+def _tuner_for(config: SearchConfig, objective, task: Task, hypermodel, run_dir: Path, **kwargs):
     import keras_tuner as kt
 
-    kt_objective = kt.Objective(f"val_{objective.name}", direction=objective.direction)
+    kt_objective = kt.Objective(f"val_{score_key(objective, task)}", direction=objective.direction)
     common = dict(
         # Keras Tuner treats seed 0 as "no seed" and draws a random one.
         hypermodel=hypermodel, objective=kt_objective, seed=config.seed + 1,
@@ -528,7 +549,7 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
                   "folds": len(prepared.folds)},
         "versions": versions(),
     })
-    tuner = _tuner_for(config, objective, BuilderChoice(builders), run.path, run=run, prepared=prepared,
+    tuner = _tuner_for(config, objective, task, BuilderChoice(builders), run.path, run=run, prepared=prepared,
                        builders=builders, primary=objective, objectives=objectives,
                        search_config=config, reporter=reporter)
     if resume:

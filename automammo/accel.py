@@ -32,6 +32,18 @@ PRECISIONS = ("float32", "mixed")
 _POLICY = {"float32": "float32", "mixed": "mixed_float16"}
 
 
+def check(strategy: str, precision: str) -> None:
+    """Refuse an unknown strategy or precision, naming the known ones.
+
+    Raises:
+        AutomammoError: either name is unknown.
+    """
+    if strategy not in STRATEGIES:
+        raise AutomammoError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    if precision not in PRECISIONS:
+        raise AutomammoError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+
+
 def configure(strategy: str = "default", precision: str = "float32", reporter=None):
     """Set this process up to train: GPU memory growth, precision policy, strategy.
 
@@ -52,10 +64,7 @@ def configure(strategy: str = "default", precision: str = "float32", reporter=No
     Raises:
         AutomammoError: an unknown strategy or precision.
     """
-    if strategy not in STRATEGIES:
-        raise AutomammoError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
-    if precision not in PRECISIONS:
-        raise AutomammoError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    check(strategy, precision)
     import keras
     import tensorflow as tf
 
@@ -90,8 +99,7 @@ def with_precision(hypermodel, precision: str):
         hypermodel: the search's ``kt.HyperModel``.
         precision: ``"float32"`` (the hypermodel is returned as it is) or ``"mixed"``.
     """
-    if precision not in PRECISIONS:
-        raise AutomammoError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    check("default", precision)
     if precision == "float32":
         return hypermodel
     return _PolicyHyperModel(hypermodel, _POLICY[precision])

@@ -21,7 +21,9 @@ and appends each one to ``trials.jsonl`` itself. It also keeps ``workers/<id>.js
 (a heartbeat with its current trial and epoch). A worker that dies loses only its current
 trial: the chief ends that trial as FAILED, records it, and, for a local worker, starts a
 replacement. A local worker is seen dying at once; one on another machine when its
-heartbeat has not changed for ``HEARTBEAT_TIMEOUT`` seconds.
+heartbeat has not changed for ``HEARTBEAT_TIMEOUT`` seconds. Local workers are also
+replaced by fresh processes every ``RECYCLE_TRIALS`` trials, which keeps memory flat over a
+long search.
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ HEARTBEAT_SECONDS = 10.0
 HEARTBEAT_TIMEOUT = 180.0
 # How long a worker started before its chief waits for the run's config.json.
 CONFIG_WAIT_SECONDS = 600.0
+# A local worker leaves after this many trials and the chief starts a fresh one in its
+# place: Keras 3 on TensorFlow keeps part of every trained model's traced graphs alive
+# whatever the session clearing (keras-team/keras#17458, tensorflow/tensorflow#61791), so a
+# long-lived training process grows by tens of MiB a trial. A new process costs seconds.
+RECYCLE_TRIALS = 10
+# The exit code of a worker that left after its quota of trials, to be replaced.
+RECYCLE_EXIT = 75
 # How long the chief waits, once the search is over, for local workers to exit by themselves.
 EXIT_GRACE_SECONDS = 10.0
 WORKERS_DIR = "workers"
@@ -270,8 +279,8 @@ class _Local:
 class _Fleet:
     """The chief's local worker processes: started, watched, replaced once when they die."""
 
-    def __init__(self, run: Run, address: str, workers: int, reporter):
-        self.run, self.address, self.reporter = run, address, reporter
+    def __init__(self, run: Run, address: str, workers: int, reporter, recycle: int | None):
+        self.run, self.address, self.reporter, self.recycle = run, address, reporter, recycle
         self.slots = plan(workers) if workers else []
         self.live: dict[str, _Local] = {}
         self.spares = len(self.slots)  # replacements allowed over the whole search
@@ -291,6 +300,8 @@ class _Fleet:
         cmd = [sys.executable, "-m", "automammo.distributed", "--chief", self.address,
                "--run", str(self.run.path), "--tuner-id", tuner_id, "--threads", str(slot.threads),
                "--parent-pid", str(os.getpid())]
+        if self.recycle:
+            cmd += ["--max-trials", str(self.recycle)]
         env = {**os.environ, **slot.env(), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
                "PYTHONUNBUFFERED": "1"}
         with open(log, "ab") as out:
@@ -308,10 +319,12 @@ class _Fleet:
             self.last_log = w.log
         return gone
 
-    def replace(self, worker: _Local) -> bool:
-        if self.spares <= 0:
-            return False
-        self.spares -= 1
+    def replace(self, worker: _Local, recycled: bool = False) -> bool:
+        """Start a worker in ``worker``'s slot; a dead one's replacement uses up a spare."""
+        if not recycled:
+            if self.spares <= 0:
+                return False
+            self.spares -= 1
         self._spawn(worker.slot)
         return True
 
@@ -330,7 +343,7 @@ class _Fleet:
 
 
 def serve(tuner, run: Run, reporter, workers: int = 0, listen: str | None = None,
-          poll_seconds: float = 0.5) -> None:
+          recycle: int | None = RECYCLE_TRIALS, poll_seconds: float = 0.5) -> None:
     """Serve ``tuner``'s oracle to workers until the search is over; the chief's ``search``.
 
     Called by ``run_search`` in place of ``tuner.search()`` once the run directory and its
@@ -346,6 +359,8 @@ def serve(tuner, run: Run, reporter, workers: int = 0, listen: str | None = None
         workers: local worker processes to start (0: only workers from other machines).
         listen: ``HOST:PORT`` the oracle listens on, for workers on other machines
             (``0.0.0.0:8470``); default ``127.0.0.1`` on a free port.
+        recycle: replace each local worker by a fresh process after this many trials
+            (None: never).
         poll_seconds: how often the chief looks at its workers and the records.
 
     Raises:
@@ -385,7 +400,7 @@ def serve(tuner, run: Run, reporter, workers: int = 0, listen: str | None = None
         # node is known only once its job starts.
         write_json(chief_file, {"address": f"{socket.getfqdn() if anywhere else host}:{bound}",
                                 "pid": os.getpid(), "started": time.time()})
-    fleet = _Fleet(run, address, workers, reporter)
+    fleet = _Fleet(run, address, workers, reporter, recycle)
     records = _Records(run, oracle.objective.direction, reporter)
     watch = _Heartbeats(run)
     idle_since = None
@@ -437,6 +452,8 @@ def serve(tuner, run: Run, reporter, workers: int = 0, listen: str | None = None
 
 def _worker_exited(worker: _Local, code: int, oracle, servicer, tuner, run: Run, fleet: _Fleet, reporter) -> None:
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    if code == RECYCLE_EXIT:
+        how = "left after its quota of trials"
     # The record's one-line error is the message's last line; the log tail above it says why.
     trial = _lose(oracle, worker.tuner_id, f"{_tail(worker.log)}\n\nworker {worker.tuner_id} {how} during this trial")
     if trial is not None:
@@ -444,6 +461,9 @@ def _worker_exited(worker: _Local, code: int, oracle, servicer, tuner, run: Run,
         servicer.check_failures()
         reporter.message(f"worker {worker.tuner_id} {how} during trial {trial.trial_id}; the trial is lost")
     if code == 0 or servicer.stopped:
+        return
+    if code == RECYCLE_EXIT and trial is None:
+        fleet.replace(worker, recycled=True)
         return
     if trial is None:
         reporter.message(f"worker {worker.tuner_id} {how}: {_last_line(worker.log)}")
@@ -552,6 +572,7 @@ class _Heartbeat:
             self.state.update(changes)
             self.state["beat"] += 1
             self.state["time"] = time.time()
+            self.state["rss_mb"] = _rss_mb()
             write_json(self.path, self.state)
 
     def _loop(self) -> None:
@@ -586,11 +607,24 @@ class _Heartbeat:
 
     def trial_end(self, record, best):
         self.records.append(record)
-        self._write(trial=None, epoch=None)
+        # Memory after each trial, for the operator (and benchmarks/memory.py) to watch.
+        self._write(trial=None, epoch=None, rss_mb_after_trials=[*self.state.get("rss_mb_after_trials", []), _rss_mb()])
         _call(self.inner, "trial_end", record, best)
 
     def search_end(self, result):
         _call(self.inner, "search_end", result)
+
+
+def _rss_mb() -> float | None:
+    """This process's resident memory in MiB (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024.0, 1)
+    except OSError:
+        pass
+    return None
 
 
 def _call(reporter, name, *args):
@@ -630,7 +664,7 @@ class LineReporter:
 
 
 def work(chief: str | None, run_dir, tuner_id: str | None = None, threads: int | None = None,
-         reporter=None, parent_pid: int | None = None) -> list[dict]:
+         reporter=None, parent_pid: int | None = None, max_trials: int | None = None) -> list[dict]:
     """Join a distributed search as a worker; return when its chief has no trial left.
 
     Sets the Keras Tuner variables of this process (``KERASTUNER_TUNER_ID``,
@@ -649,6 +683,8 @@ def work(chief: str | None, run_dir, tuner_id: str | None = None, threads: int |
         threads: TensorFlow intra-op threads; default: TensorFlow's (every core).
         reporter: receives this worker's progress (``search.Reporter`` interface).
         parent_pid: exit when this process is no longer the parent (the local chief died).
+        max_trials: leave after this many trials, though the search goes on (the chief
+            then starts a fresh process: see ``RECYCLE_TRIALS``).
 
     Returns:
         The records of the trials this worker ran.
@@ -687,7 +723,7 @@ def work(chief: str | None, run_dir, tuner_id: str | None = None, threads: int |
     status = "failed"
     try:
         tuner, config = _worker_tuner(run, stored, beat, strategy)
-        _adapt_client(tuner.oracle)
+        _adapt_client(tuner.oracle, max_trials)
         from automammo.search import _deterministic
 
         _deterministic(config.seed)
@@ -751,25 +787,34 @@ def _worker_tuner(run: Run, stored: dict, reporter, strategy):
         raise RunError(f"this worker can run builders {sorted(builders)}, the chief searches "
                        f"{sorted(stored.get('builders', []))}; install the same plugins and weights")
     hypermodel = accel.with_precision(BuilderChoice(builders), stored["search"].get("precision", "float32"))
-    tuner = _tuner_for(config, objective, hypermodel, run.path, run=run, prepared=prepared,
+    tuner = _tuner_for(config, objective, task, hypermodel, run.path, run=run, prepared=prepared,
                        builders=builders, primary=objective, objectives=objectives, search_config=config,
                        reporter=reporter, distribution_strategy=strategy)
     return tuner, config
 
 
-def _adapt_client(client, idle_seconds: float = 1.0) -> None:
-    """Two gaps between Keras Tuner's in-process loop and its gRPC client, closed.
+def _adapt_client(client, max_trials: int | None = None, idle_seconds: float = 1.0) -> None:
+    """Two gaps between Keras Tuner's in-process loop and its gRPC client, closed; a quota.
 
     - The oracle scores a trial in ``end_trial``; in one process that sets ``trial.score``
       on the tuner's own trial object, over gRPC it sets it on the chief's copy only. The
       worker's record of the trial needs the score and the oracle's final status.
     - While the oracle is IDLE (Hyperband waiting for a bracket to finish) the tuner asks
       again at once: over gRPC a busy loop that takes a core from workers still training.
+    - After ``max_trials`` trials the worker answers itself STOPPED, without asking the
+      chief, so Keras Tuner's loop ends and the process can leave.
     """
     create, end = client.create_trial, client.end_trial
+    started: set[str] = set()
 
     def create_trial(tuner_id):
+        if max_trials and len(started) >= max_trials:
+            from keras_tuner.src.engine import trial as trial_module
+
+            return trial_module.Trial(kt.HyperParameters(), status=_STOPPED)
         trial = create(tuner_id)
+        if trial.status == "RUNNING":
+            started.add(trial.trial_id)
         if trial.status == _IDLE:
             time.sleep(idle_seconds)
         return trial
@@ -795,13 +840,16 @@ def main(argv=None) -> int:
     parser.add_argument("--tuner-id", help="this worker's name, unique in the search")
     parser.add_argument("--threads", type=int, help="TensorFlow intra-op threads")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is no longer the parent")
+    parser.add_argument("--max-trials", type=int, help=f"leave after this many trials (exit code {RECYCLE_EXIT})")
     args = parser.parse_args(argv)
     try:
-        work(args.chief, args.run, args.tuner_id, args.threads, LineReporter(), args.parent_pid)
+        records = work(args.chief, args.run, args.tuner_id, args.threads, LineReporter(), args.parent_pid,
+                       args.max_trials)
     except AutomammoError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    return 0
+    # Had the search ended exactly at the quota, the replacement is simply told so.
+    return RECYCLE_EXIT if args.max_trials and len(records) >= args.max_trials else 0
 
 
 if __name__ == "__main__":

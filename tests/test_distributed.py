@@ -196,3 +196,67 @@ def test_a_silent_worker_is_presumed_dead_after_the_timeout(tmp_path, monkeypatc
     assert watch.stale(["tuner-far-away"]) == []
     time.sleep(0.3)
     assert sorted(watch.stale(["tuner-far-away", "tuner-never-wrote"])) == ["tuner-far-away", "tuner-never-wrote"]
+
+
+class _FakeClient:
+    """Keras Tuner's OracleClient as seen by a worker: trials 0, 1, 2, ... then STOPPED."""
+
+    def __init__(self):
+        self.asked = 0
+        self.ended = {}
+
+    def create_trial(self, tuner_id):
+        import keras_tuner as kt
+        from keras_tuner.src.engine import trial as trial_module
+
+        self.asked += 1
+        return trial_module.Trial(kt.HyperParameters(), trial_id=str(self.asked - 1), status="RUNNING")
+
+    def end_trial(self, trial):
+        self.ended[trial.trial_id] = trial
+
+    def get_trial(self, trial_id):
+        scored = self.ended[trial_id]
+        scored.score, scored.best_step, scored.status = 0.75, 3, "COMPLETED"
+        return scored
+
+
+def test_a_worker_leaves_after_its_quota_without_asking_the_chief():
+    client = _FakeClient()
+    distributed._adapt_client(client, max_trials=2)
+    for _ in range(2):
+        trial = client.create_trial("tuner1")
+        assert trial.status == "RUNNING"
+        client.end_trial(trial)
+    assert trial.score == 0.75 and trial.best_step == 3, "the worker's record gets the oracle's score"
+    assert client.create_trial("tuner1").status == "STOPPED"
+    assert client.asked == 2, "the quota is the worker's own business: the chief was not asked"
+
+
+def test_the_chief_replaces_recycled_and_dead_workers_differently(tmp_path):
+    import keras_tuner as kt
+
+    oracle = kt.oracles.RandomSearchOracle(objective=kt.Objective("val_auc", "max"), max_trials=5)
+    oracle.tuner_ids.update({"tuner1", "tuner2", "tuner3"})
+    run = Run(tmp_path)
+    (tmp_path / "workers").mkdir()
+    fleet = distributed._Fleet(run, "127.0.0.1:1", 0, search.Reporter(), recycle=2)
+    fleet.spares = 1
+    spawned = []
+    fleet._spawn = spawned.append
+    servicer = type("S", (), {"stopped": False, "started": {}, "check_failures": lambda self: None})()
+    messages = []
+    reporter = type("R", (), {"message": lambda self, text: messages.append(text)})()
+
+    def exit_(tuner_id, code):
+        worker = distributed._Local(tuner_id, distributed.Slot(1), None, tmp_path / "workers" / f"{tuner_id}.log")
+        distributed._worker_exited(worker, code, oracle, servicer, None, run, fleet, reporter)
+
+    exit_("tuner1", distributed.RECYCLE_EXIT)
+    assert len(spawned) == 1 and fleet.spares == 1, "a recycled worker is replaced without using a spare"
+    exit_("tuner2", 1)
+    assert len(spawned) == 2 and fleet.spares == 0, "a worker that failed to start uses the spare"
+    exit_("tuner3", 1)
+    assert len(spawned) == 2, "no spare left: not replaced again"
+    assert oracle.tuner_ids == set(), "the oracle no longer waits for any of them"
+    assert any("tuner2 exited with code 1" in m for m in messages)

@@ -1,0 +1,144 @@
+"""automammo's tf.data fit pipeline against the seeds' Keras 2 ImageDataGenerator, patches/s.
+
+The seed experiments fed Keras 2 models with ``ImageDataGenerator(rotation_range=...,
+horizontal_flip=True, vertical_flip=True).flow(x, y)``: NumPy and SciPy, one image at a
+time, in the training thread. automammo's ``TrialData.dataset("fit", ...)`` shuffles,
+batches and augments in tf.data, in parallel and ahead of the model (prefetch). This
+benchmark only draws batches (no model), so it measures the most each input path can
+deliver:
+
+- ``automammo (symmetries)``: the default augmentation, the 8 exact symmetries;
+- ``automammo (symmetries + rotation)``: plus free rotation, like for like with the seeds';
+- ``proposed (symmetries)`` / ``proposed (symmetries + rotation)``: the change proposed for
+  ``preprocess.py`` in docs/scaling.md (gather whole batches by shuffled index, and pick
+  each patch's symmetry with three vectorised selects instead of ``tf.map_fn``);
+- ``ImageDataGenerator (rotation + flips)``: the seeds' approach, via the ``tf-keras``
+  package (``pip install automammo[bench]``).
+
+Usage::
+
+    python benchmarks/input_pipeline.py                 # 1024 patches of 150 px, 2 epochs each
+    python benchmarks/input_pipeline.py --patches 4096 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+import _bench  # noqa: E402
+
+
+def proposed_dataset(x, y, batch_size: int, seed: int, rotation: float = 0.0):
+    """The pipeline proposed for ``TrialData.dataset("fit")``: batch-level gather, no map_fn."""
+    import keras
+    import tensorflow as tf
+
+    x, y = tf.constant(x), tf.constant(y)
+    n = int(x.shape[0])
+    rotate = keras.layers.RandomRotation(rotation / 360.0, fill_mode="reflect", seed=seed) if rotation else None
+
+    def load(index, op_seed):
+        batch = tf.gather(x, index)
+        b = tf.shape(batch)[0]
+        bits = tf.random.stateless_uniform([3, b, 1, 1, 1], op_seed) < 0.5
+        # Transpose, then flip up-down, then left-right: 2 x 2 x 2 = the 8 symmetries.
+        batch = tf.where(bits[0], tf.transpose(batch, [0, 2, 1, 3]), batch)
+        batch = tf.where(bits[1], tf.reverse(batch, [1]), batch)
+        batch = tf.where(bits[2], tf.reverse(batch, [2]), batch)
+        if rotate is not None:
+            batch = rotate(batch, training=True)
+        return batch, tf.gather(y, index)
+
+    order = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    return (tf.data.Dataset.zip((order, seeds))
+            .map(load, num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def automammo_dataset(x, y, batch_size: int, seed: int, rotation: float = 0.0):
+    from automammo.preprocess import Augmentation, TrialData
+
+    data = TrialData(x, y, x[:1], y[:1], 2, Augmentation(symmetries=True, rotation=rotation), seed=seed)
+    return data.dataset("fit", batch_size)
+
+
+def image_data_generator(x, y, batch_size: int, seed: int, rotation: float):
+    try:
+        from tf_keras.preprocessing.image import ImageDataGenerator
+    except ImportError as exc:
+        raise SystemExit("this benchmark needs tf-keras: pip install 'automammo[bench]'") from exc
+    gen = ImageDataGenerator(rotation_range=rotation, horizontal_flip=True, vertical_flip=True,
+                             fill_mode="reflect")
+    return gen.flow(x, y, batch_size=batch_size, shuffle=True, seed=seed)
+
+
+def rate(make, n: int, batch_size: int, epochs: int) -> float:
+    """Patches per second drawn over ``epochs`` epochs, after one untimed warm-up epoch."""
+    source = make()
+    steps = -(-n // batch_size)
+    keras_sequence = hasattr(source, "__getitem__") and not hasattr(source, "element_spec")
+
+    def one_epoch():
+        count = 0
+        if keras_sequence:  # ImageDataGenerator's iterator never ends; take one epoch of it
+            for _ in range(steps):
+                bx, _ = next(source)
+                count += len(bx)
+        else:
+            for bx, _ in source:
+                count += int(bx.shape[0])
+        return count
+
+    one_epoch()
+    start, drawn = time.perf_counter(), 0
+    for _ in range(epochs):
+        drawn += one_epoch()
+    return drawn / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=150)
+    parser.add_argument("--patches", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rotation", type=float, default=20.0, help="rotation range in degrees")
+    args = parser.parse_args(argv)
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (args.patches, args.size, args.size, 1)).astype(np.float32)
+    y = rng.integers(0, 2, args.patches)
+    n, b, e, r = args.patches, args.batch, args.epochs, args.rotation
+    paths = {
+        "automammo (symmetries)": lambda: automammo_dataset(x, y, b, 0),
+        "automammo (symmetries + rotation)": lambda: automammo_dataset(x, y, b, 0, r),
+        "proposed (symmetries)": lambda: proposed_dataset(x, y, b, 0),
+        "proposed (symmetries + rotation)": lambda: proposed_dataset(x, y, b, 0, r),
+        "ImageDataGenerator (rotation + flips)": lambda: image_data_generator(x, y, b, 0, r),
+    }
+    rates = {name: rate(make, n, b, e) for name, make in paths.items()}
+    seeds = rates["ImageDataGenerator (rotation + flips)"]
+    rows = [{"pipeline": name, "patches_per_s": v, "vs_image_data_generator": v / seeds} for name, v in rates.items()]
+    print(f"{n} patches of {args.size} px, batch {b}, rotation range {r} degrees, "
+          f"{e} timed epochs each (after a warm-up epoch)\n")
+    print(_bench.table(["pipeline", "patches/s", "x ImageDataGenerator"],
+                       [[row["pipeline"], row["patches_per_s"], row["vs_image_data_generator"]] for row in rows]))
+    like_for_like = rates["automammo (symmetries + rotation)"] / seeds
+    default = rates["automammo (symmetries)"] / seeds
+    target = {"required": 3.0, "like_for_like": like_for_like, "default_augmentation": default,
+              "met": like_for_like >= 3.0}
+    print(f"\ntarget >= 3x ImageDataGenerator: like for like {like_for_like:.1f}x, default augmentation "
+          f"{default:.1f}x -> {'met' if target['met'] else 'MISSED'}")
+    path = _bench.save("input_pipeline", {"settings": vars(args), "rows": rows, "target": target})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -95,7 +95,10 @@ class SearchResult:
 def phantom_path(params: dict) -> Path:
     """Where the default phantom is cached (``AUTOMAMMO_CACHE`` or ~/.cache/automammo)."""
     root = Path(os.environ.get("AUTOMAMMO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "automammo")
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    from automammo.phantom import GENERATOR_VERSION
+
+    # The generator's version is part of the key: a changed generator never reuses old data.
+    key = hashlib.sha256(json.dumps([params, GENERATOR_VERSION], sort_keys=True).encode()).hexdigest()[:12]
     return root / f"phantom-{key}.npz"
 
 
@@ -298,7 +301,10 @@ def _make_tuner_class(base):
                 make_callback(self.objectives, predict, data.y_val, self.prepared.task.positive),
                 keras.callbacks.EarlyStopping(monitor=f"val_{self.score_key}",
                                               mode=self.objective_obj.direction,
-                                              patience=self.config.patience, restore_best_weights=True),
+                                              patience=self.config.patience, restore_best_weights=True,
+                                              # A threshold-free model first sits at "all
+                                              # positive"; give it a few epochs to leave it.
+                                              start_from_epoch=min(self.config.patience, epochs // 4)),
             ]
             if k == 0:
                 callbacks.append(_TrialEnd(self, trial_id, predict, fold))

@@ -23,7 +23,7 @@ import keras
 from automammo import hookimpl
 from automammo.builders import Builder
 from automammo.layers import PairMerge
-from automammo_plugins.scratch_cnn import ScratchCNN
+from automammo_plugins.scratch_cnn import BN_MOMENTUM, ScratchCNN
 
 
 class _PairBuilder(Builder):
@@ -178,7 +178,7 @@ class PairConv3D(_PairBuilder):
             x = keras.layers.Conv3D(filters, kernel, padding=padding, kernel_regularizer=reg,
                                     use_bias=not batch_norm, name=name)(x)
             if batch_norm:
-                x = keras.layers.BatchNormalization()(x)
+                x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM)(x)
             return keras.layers.Activation("relu")(x)
 
         for i in range(n_blocks):

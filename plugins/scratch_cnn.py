@@ -11,6 +11,11 @@ import keras
 from automammo import hookimpl
 from automammo.builders import Builder
 
+# Keras' default 0.99 lets the moving statistics lag for hundreds of steps; a patch dataset
+# gives a few dozen steps per epoch, so validation (inference-mode) outputs stayed at chance
+# for most of a short trial. 0.9 tracks within an epoch or two.
+BN_MOMENTUM = 0.9
+
 
 class ScratchCNN(Builder):
     name = "scratch_cnn"
@@ -38,7 +43,7 @@ class ScratchCNN(Builder):
             x = keras.layers.Conv2D(filters, 3, padding="same", kernel_regularizer=reg,
                                     use_bias=not batch_norm)(x)
             if batch_norm:
-                x = keras.layers.BatchNormalization()(x)
+                x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM)(x)
             x = keras.layers.Activation("relu")(x)
             x = keras.layers.MaxPooling2D()(x)
         if hp.Choice("pooling", ["avg", "flatten"], default="avg") == "avg":

@@ -27,10 +27,10 @@ class TinyResNet(Builder):
         for stage in range(hp.Int("stages", 2, 3, default=2)):
             filters = width * 2**stage
             shortcut = keras.layers.Conv2D(filters, 1, strides=2)(x)
-            y = keras.layers.BatchNormalization()(x)
+            y = keras.layers.BatchNormalization(momentum=0.9)(x)
             y = keras.layers.Activation("relu")(y)
             y = keras.layers.Conv2D(filters, 3, strides=2, padding="same")(y)
-            y = keras.layers.BatchNormalization()(y)
+            y = keras.layers.BatchNormalization(momentum=0.9)(y)
             y = keras.layers.Activation("relu")(y)
             y = keras.layers.Conv2D(filters, 3, padding="same")(y)
             x = keras.layers.Add()([shortcut, y])

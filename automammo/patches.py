@@ -498,6 +498,16 @@ class PatchCollector:
     def skip_text(self) -> str:
         return ", ".join(f"{reason}: {n}" for reason, n in self.skipped.most_common())
 
+    def finish(self, out, echo, test_fraction: float = 0.0, seed: int = 0) -> Dataset:
+        """Hold out a patient-grouped test part if asked, validate, save atomically, report."""
+        if test_fraction and len(self):
+            self.split = list(holdout_split(np.asarray(self.patient), np.asarray(self.label), test_fraction, seed))
+        ds = self.build(str(out))
+        ds.save(out)
+        for line in self.summary(ds, out):
+            echo(line)
+        return ds
+
     def summary(self, ds: Dataset, out) -> list[str]:
         """Lines telling what was written, kept and skipped."""
         from automammo.dataset import LABEL_NAMES

@@ -10,7 +10,6 @@ soon as it ends, so a killed search loses at most the trial under way.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import gc
 import hashlib
@@ -246,7 +245,6 @@ class _Unshared:
 
 def _make_tuner_class(base):
     import keras
-    import keras_tuner as kt
 
     from automammo.objectives import make_callback
 

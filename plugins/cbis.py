@@ -568,11 +568,7 @@ def import_cbis(
                 {**common, "row0": patch_box.top, "col0": patch_box.left, "placement": "lesion"},
                 {**common, "row0": base_box.top, "col0": base_box.left, "placement": placement},
             )
-    ds = c.build(str(out))
-    ds.save(out)
-    for line in c.summary(ds, out):
-        echo(line)
-    return ds
+    return c.finish(out, echo)
 
 
 def _int(value) -> int:

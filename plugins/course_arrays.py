@@ -23,7 +23,7 @@ import numpy as np
 from automammo import hookimpl
 from automammo.errors import DataError
 from automammo.importers import Importer
-from automammo.patches import PatchCollector, holdout_split, to_canonical_dtype
+from automammo.patches import PatchCollector, to_canonical_dtype
 
 IMAGE_KEYS = ("x", "images", "image", "X", "imgs", "data", "tensor")
 LABEL_KEYS = ("label", "labels", "y", "Y", "target", "targets")
@@ -238,13 +238,7 @@ def import_arrays(
                 c.add_pair(x[i + 1], x[i], int(y[i + 1]), pids[i], part_split,
                            {"source": "course-arrays", "image": name, "index": i + 1},
                            {"source": "course-arrays", "image": name, "index": i})
-    if test_fraction:
-        c.split = list(holdout_split(np.asarray(c.patient), np.asarray(c.label), test_fraction, seed))
-    ds = c.build(str(out))
-    ds.save(out)
-    for line in c.summary(ds, out):
-        echo(line)
-    return ds
+    return c.finish(out, echo, test_fraction, seed)
 
 
 @click.command("import-arrays")

@@ -38,7 +38,7 @@ from automammo import hookimpl
 from automammo.dicom import is_dicom_file, read_dicom
 from automammo.errors import DataError
 from automammo.importers import Importer
-from automammo.patches import PatchCollector, holdout_split, resize_patch, to_canonical_dtype
+from automammo.patches import PatchCollector, resize_patch, to_canonical_dtype
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom"}
 
@@ -333,13 +333,7 @@ def import_folder(
                 c.note("partner unreadable: imported without pair")
             c.add_single(pixels[rel], label, patient(rel), split, meta)
             done.add(rel)
-    if test_fraction and len(c):
-        c.split = list(holdout_split(np.asarray(c.patient), np.asarray(c.label), test_fraction, seed))
-    ds = c.build(str(out))
-    ds.save(out)
-    for line in c.summary(ds, out):
-        echo(line)
-    return ds
+    return c.finish(out, echo, test_fraction, seed)
 
 
 @click.command("import-folder")

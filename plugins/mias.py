@@ -35,7 +35,6 @@ from automammo.patches import (
     TissueMask,
     circle_bbox,
     crop,
-    holdout_split,
     lesion_box,
     place_baseline,
     resize_patch,
@@ -317,13 +316,7 @@ def import_mias(
                 {**common, "row0": patch_box.top, "col0": patch_box.left, "placement": "lesion"},
                 {**common, "row0": base_box.top, "col0": base_box.left, "placement": placement},
             )
-    if test_fraction and len(c):
-        c.split = list(holdout_split(np.asarray(c.patient), np.asarray(c.label), test_fraction, seed))
-    ds = c.build(str(out))
-    ds.save(out)
-    for line in c.summary(ds, out):
-        echo(line)
-    return ds
+    return c.finish(out, echo, test_fraction, seed)
 
 
 @click.command("import-mias")

@@ -327,7 +327,10 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
         con.print(f"[bold green]bundle[/bold green] {made.bundle}: {len(made.manifest['members'])} members, "
                   f"meta-learner {made.meta}{threshold}; cross-validated {made.manifest['validation']['score']['name']} "
                   f"{_fmt(made.score)} (best single member {_fmt(made.best_member.get('score'))})")
-        con.print(f"next: automammo report {result.run_dir}   |   automammo evaluate {made.bundle} --data DATA")
+        from automammo.runs import Run
+
+        data_used = Run(result.run_dir).config().get("data", "DATA")
+        con.print(f"next: automammo report {result.run_dir}\n      automammo evaluate {made.bundle} --data {data_used}")
     if result.stopped:
         sys.exit(1)
 

@@ -67,3 +67,20 @@ def _predict(path, x):
     from automammo.bundle import Bundle
 
     return Bundle.load(path).predict_proba(x)
+
+
+def test_end_to_end_example_script_runs(tmp_path):
+    """examples/end_to_end.py: phantom -> search -> ensemble -> evaluate -> report."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "end_to_end.py"
+    module = runpy.run_path(str(script))
+    out = module["main"]([str(tmp_path / "e2e"), "--lesions", "60", "--size", "32", "--trials", "2",
+                          "--epochs", "2", "--builder", "scratch_cnn"])
+    assert (tmp_path / "e2e" / "model.ammo" / "manifest.json").exists()
+    evaluation = json.loads((tmp_path / "e2e" / "evaluation.json").read_text())
+    assert evaluation["split"] == "test"
+    assert out["plots"]["written"], out["plots"]
+    for item in out["plots"]["written"]:
+        assert Path(item["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -16,8 +16,9 @@ search's hypermodel so that every trial's model is built under the precision pol
   on GPUs with tensor cores (compute capability 7.0 and newer); on a CPU it is slower.
 
 XLA needs no switch here: Keras 3 compiles with ``jit_compile="auto"``, which turns XLA on
-when a GPU is visible and off on CPU-only machines, where ``benchmarks/throughput.py``
-measured it no faster for the scratch CNN (see docs/scaling.md).
+when a GPU is visible (and no tf.distribute strategy is in use) and off on CPU-only
+machines, where ``benchmarks/throughput.py`` measured it at half the scratch CNN's rate
+(see docs/scaling.md).
 """
 
 from __future__ import annotations

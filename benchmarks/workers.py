@@ -13,7 +13,7 @@ table also shows the time from the first trial's start to the last trial's end.
 
 Usage::
 
-    python benchmarks/workers.py                      # 8 trials x 2 epochs, 48 px phantom
+    python benchmarks/workers.py                      # 24 trials x 2 epochs, 48 px phantom
     python benchmarks/workers.py --trials 20 --epochs 5
 """
 
@@ -74,7 +74,7 @@ def one(mode: str, workers: int, data: Path, args, root: Path) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--size", type=int, default=48)
     parser.add_argument("--lesions", type=int, default=300)

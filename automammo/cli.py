@@ -271,9 +271,17 @@ class RichReporter:
 @click.option("--meta", default=None, help="Meta-learner [default: the best by cross-validation].")
 @click.option("--min-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Binary tasks: threshold with the highest specificity at this sensitivity or more.")
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
+              help="Worker processes on this machine, sharing its cores and GPUs (0: train here).")
+@click.option("--listen", metavar="HOST:PORT", help="Serve the search to workers on other machines, e.g. 0.0.0.0:8470.")
+@click.option("--strategy", type=click.Choice(["default", "mirrored"]), default="default", show_default=True,
+              help="mirrored: tf.distribute over every local GPU.")
+@click.option("--precision", type=click.Choice(["float32", "mixed"]), default="float32", show_default=True,
+              help="mixed: mixed_float16 with a float32 output layer.")
 def search(data_path, task, objective, builders, tuner, trials, epochs, patience, image_size, val_fraction,
            folds, seed, contrast_stretch, symmetries, rotation, shift, zoom, weights, weights_dir, keep_models,
-           run_dir, resume, overwrite, tensorboard, ensemble, top, meta, min_sensitivity):
+           run_dir, resume, overwrite, tensorboard, ensemble, top, meta, min_sensitivity, workers, listen,
+           strategy, precision):
     """Search model families and hyperparameters for TASK, scored by OBJECTIVE."""
     from automammo.search import SearchConfig, run_search
 
@@ -287,6 +295,7 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
         seed=seed, val_fraction=val_fraction, folds=folds, contrast_stretch=contrast_stretch,
         augmentation={"symmetries": symmetries, "rotation": rotation, "shift": shift, "zoom": zoom},
         weights=weights, weights_dir=weights_dir, keep_models=keep_models, tensorboard=tensorboard,
+        workers=workers, listen=listen, strategy=strategy, precision=precision,
     )
     if run_dir is None:
         run_dir = Path("runs") / f"{task}-{objective}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -333,6 +342,25 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
         con.print(f"next: automammo report {result.run_dir}\n      automammo evaluate {made.bundle} --data {data_used}")
     if result.stopped:
         sys.exit(1)
+
+
+@cli.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--chief", metavar="HOST:PORT", help="The chief's address [default: from RUN/workers/chief.json].")
+@click.option("--tuner-id", help="Unique in the search [default: tuner-HOST-PID].")
+@click.option("--threads", type=click.IntRange(1), help="TensorFlow threads of this worker.")
+@click.option("--max-trials", type=click.IntRange(1), help="Leave after N trials with exit code 75.")
+def worker(run_dir, chief, tuner_id, threads, max_trials):
+    """Join a distributed search: train the trials its chief hands out until none is left."""
+    from automammo import distributed
+
+    con = console()
+    with RichReporter(con) as reporter:
+        records = distributed.work(chief, run_dir, tuner_id=tuner_id, threads=threads,
+                                   reporter=reporter, max_trials=max_trials)
+    if max_trials and len(records) >= max_trials:
+        sys.exit(distributed.RECYCLE_EXIT)
+    con.print(f"this worker ran {len(records)} trials; the search is over")
 
 
 def _fmt(value) -> str:

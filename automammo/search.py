@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from automammo import __version__, registry
+from automammo import __version__, accel, distributed, registry
 from automammo.atomic import append_line, atomic_path, write_json
 from automammo.builders import BuildContext, Builder, BuilderChoice, builder_hyperparameters
 from automammo.dataset import Dataset
@@ -61,6 +61,10 @@ class SearchConfig:
     keep_models: int = 10
     max_consecutive_failures: int = 3
     tensorboard: bool = True
+    workers: int = 0
+    listen: str | None = None
+    strategy: str = "default"
+    precision: str = "float32"
     phantom: dict = field(default_factory=lambda: {"n_lesions": 600, "size": 64, "difficulty": 0.5, "seed": 0})
 
     @classmethod
@@ -496,6 +500,8 @@ def open_run(run_dir, config: SearchConfig | None, resume: bool, overwrite: bool
         stored = SearchConfig.from_dict(run.config()["search"])
         if config is not None and config.trials > stored.trials:
             stored.trials = config.trials  # a resumed search may be extended
+        if config is not None:
+            stored.workers, stored.listen = config.workers, config.listen
         return run, stored
     if run.path.exists() and any(run.path.iterdir()):
         if not overwrite:
@@ -524,6 +530,17 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
     objective, objectives = objectives_for(task, config.objective)
     for name in config.builders:
         registry.get("builder", name)
+    accel.check(config.strategy, config.precision)
+    if config.workers < 0:
+        raise AutomammoError("--workers must be 0 or more")
+    if config.listen:
+        distributed.parse_address(config.listen)
+    chief = bool(config.workers or config.listen)
+    if chief:
+        accel.hide_accelerators()  # the chief trains nothing; its workers need the GPUs
+        strategy = None
+    else:
+        strategy = accel.configure(config.strategy, config.precision, reporter)
     ds, source = resolve_data(config, reporter)
     if config.image_size is None:
         config = dataclasses.replace(config, image_size=int(max(ds.image_shape)))
@@ -553,9 +570,10 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
                   "folds": len(prepared.folds)},
         "versions": versions(),
     })
-    tuner = _tuner_for(config, objective, task, BuilderChoice(builders), run.path, run=run, prepared=prepared,
+    hypermodel = accel.with_precision(BuilderChoice(builders), config.precision)
+    tuner = _tuner_for(config, objective, task, hypermodel, run.path, run=run, prepared=prepared,
                        builders=builders, primary=objective, objectives=objectives,
-                       search_config=config, reporter=reporter)
+                       search_config=config, reporter=reporter, distribution_strategy=strategy)
     if resume:
         tuner.oracle.max_trials = config.trials if config.tuner != "hyperband" else tuner.oracle.max_trials
     _deterministic(config.seed)
@@ -563,7 +581,10 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
     reporter.search_begin(run.path, total, config, len(run.trials()))
     stopped = ""
     try:
-        tuner.search(epochs=config.epochs, verbose=0)
+        if chief:
+            distributed.serve(tuner, run, reporter, config.workers, config.listen)
+        else:
+            tuner.search(epochs=config.epochs, verbose=0)
     except RuntimeError as exc:
         if "consecutive failures" not in str(exc):
             raise

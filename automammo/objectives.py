@@ -85,22 +85,26 @@ def applicable(objective: Objective, n_classes: int) -> bool:
     return not (objective.binary_only and n_classes != 2)
 
 
-def evaluate_all(objectives, y_true, y_prob, positive, threshold=0.5) -> dict[str, float]:
-    """Every applicable objective at ``threshold``, plus the optimum of thresholded ones."""
+def evaluate_all(objectives, y_true, y_prob, positive, threshold=0.5, sweep=None) -> dict[str, float]:
+    """Every applicable objective at ``threshold``, plus the optimum of thresholded ones.
+
+    ``sweep`` limits the threshold sweep (99 scores each) to the named objectives; a search
+    sweeps only the one it optimises, every epoch, which keeps the callback cheap.
+    """
     out: dict[str, float] = {}
     n_classes = y_prob.shape[1]
     for obj in objectives:
         if not applicable(obj, n_classes):
             continue
         out[obj.name] = obj(y_true, y_prob, positive, threshold)
-        if obj.thresholded and positive is not None:
+        if obj.thresholded and positive is not None and (sweep is None or obj.name in sweep):
             t, s = obj.best_threshold(y_true, y_prob, positive)
             out[f"{obj.name}_best"] = s
             out[f"{obj.name}_threshold"] = t
     return out
 
 
-def make_callback(objectives, predict: Callable[[object], np.ndarray], y_true, positive):
+def make_callback(objectives, predict: Callable[[object], np.ndarray], y_true, positive, sweep=None):
     """A Keras callback that writes ``val_<name>`` for every objective after each epoch.
 
     ``predict(model)`` returns the validation probabilities. Keras is imported here so that
@@ -118,7 +122,7 @@ def make_callback(objectives, predict: Callable[[object], np.ndarray], y_true, p
                 for obj in objectives:
                     logs[f"val_{obj.name}"] = -np.inf if obj.direction == "max" else np.inf
                 return
-            for name, value in evaluate_all(objectives, y_true, y_prob, positive).items():
+            for name, value in evaluate_all(objectives, y_true, y_prob, positive, sweep=sweep).items():
                 logs[f"val_{name}"] = value
 
     return ObjectivesCallback()

@@ -300,7 +300,8 @@ def _make_tuner_class(base):
                 return model.predict(val_inputs, batch_size=128, verbose=0)
 
             callbacks = [
-                make_callback(self.objectives, predict, data.y_val, self.prepared.task.positive),
+                make_callback(self.objectives, predict, data.y_val, self.prepared.task.positive,
+                              sweep={self.objective_obj.name}),
                 keras.callbacks.EarlyStopping(monitor=f"val_{self.score_key}",
                                               mode=self.objective_obj.direction,
                                               patience=self.config.patience, restore_best_weights=True,

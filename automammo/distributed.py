@@ -758,39 +758,16 @@ def _wait_for(path: Path, seconds: float) -> None:
 
 def _worker_tuner(run: Run, stored: dict, reporter, strategy):
     """The same tuner the chief built, from the run's config.json, for the same data."""
-    import dataclasses
+    from automammo.search import SearchConfig, make_tuner, prepare_search
 
-    from automammo import accel, registry
-    from automammo.builders import BuildContext, BuilderChoice
-    from automammo.search import (SearchConfig, _tuner_for, choose_builders, objectives_for, prepare_data,
-                                  resolve_data)
-    from automammo.tasks import get_task
-
-    config = SearchConfig.from_dict(stored["search"])
-    task = get_task(config.task)
-    objective, objectives = objectives_for(task, config.objective)
-    ds, source = resolve_data(config, reporter)
-    if ds.fingerprint() != stored.get("data_fingerprint"):
-        raise RunError(f"{source}: this worker's data differs from the chief's (fingerprint); "
+    setup = prepare_search(SearchConfig.from_dict(stored["search"]), run, reporter)
+    if setup.prepared.fingerprint != stored.get("data_fingerprint"):
+        raise RunError(f"{setup.source}: this worker's data differs from the chief's (fingerprint); "
                        "every worker must see the same dataset file")
-    if config.image_size is None:
-        config = dataclasses.replace(config, image_size=int(max(ds.image_shape)))
-    need_pairs = any(registry.get("builder", n).inputs == "pair" for n in config.builders)
-    prepared = prepare_data(ds, task, config, source, need_pairs=need_pairs)
-    context = BuildContext(
-        image_size=prepared.preprocessing.image_size, n_classes=task.n_classes, task=task.name,
-        seed=config.seed, weights=config.weights, weights_dir=config.weights_dir, cache_dir=run.cache_dir,
-        objective=objective.name, direction=objective.direction, patience=config.patience,
-    )
-    builders = choose_builders(config, context, task, prepared.trial_data.has_pairs, reporter)
-    if sorted(builders) != sorted(stored.get("builders", [])):
-        raise RunError(f"this worker can run builders {sorted(builders)}, the chief searches "
+    if sorted(setup.builders) != sorted(stored.get("builders", [])):
+        raise RunError(f"this worker can run builders {sorted(setup.builders)}, the chief searches "
                        f"{sorted(stored.get('builders', []))}; install the same plugins and weights")
-    hypermodel = accel.with_precision(BuilderChoice(builders), stored["search"].get("precision", "float32"))
-    tuner = _tuner_for(config, objective, task, hypermodel, run.path, run=run, prepared=prepared,
-                       builders=builders, primary=objective, objectives=objectives, search_config=config,
-                       reporter=reporter, distribution_strategy=strategy)
-    return tuner, config
+    return make_tuner(setup, run, reporter, strategy), setup.config
 
 
 def _adapt_client(client, max_trials: int | None = None, idle_seconds: float = 1.0) -> None:

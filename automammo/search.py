@@ -385,8 +385,10 @@ def _make_tuner_class(base):
 
         def _prune_models(self):
             keep = {t["trial_id"] for t in self.run.ranked(self.objective_obj.direction)[: self.config.keep_models]}
+            # Only finished trials' models may go: another worker's trial may be saving its own.
+            finished = {t["trial_id"] for t in self.run.trials()}
             for path in self.run.models_dir.glob("*.keras"):
-                if path.stem not in keep and path.stem in {t["trial_id"] for t in self.run.trials()}:
+                if path.stem not in keep and path.stem in finished:
                     path.unlink(missing_ok=True)
 
     return AutomammoTuner
@@ -513,6 +515,46 @@ def open_run(run_dir, config: SearchConfig | None, resume: bool, overwrite: bool
     return run, config
 
 
+@dataclass
+class Setup:
+    """Everything a process needs to run trials of a search; writes nothing."""
+
+    config: SearchConfig
+    task: Task
+    objective: object
+    objectives: list
+    prepared: PreparedData
+    builders: dict[str, Builder]
+    source: str
+
+
+def prepare_search(config: SearchConfig, run: Run, reporter: Reporter) -> Setup:
+    """Data, split, preprocessing and builders of a search: the same in a chief and its workers."""
+    task = get_task(config.task)
+    objective, objectives = objectives_for(task, config.objective)
+    ds, source = resolve_data(config, reporter)
+    if config.image_size is None:
+        config = dataclasses.replace(config, image_size=int(max(ds.image_shape)))
+    requested_pairs = any(registry.get("builder", n).inputs == "pair" for n in config.builders)
+    prepared = prepare_data(ds, task, config, source, need_pairs=requested_pairs)
+    context = BuildContext(
+        image_size=prepared.preprocessing.image_size, n_classes=task.n_classes, task=task.name,
+        seed=config.seed, weights=config.weights, weights_dir=config.weights_dir, cache_dir=run.cache_dir,
+        objective=objective.name, direction=objective.direction, patience=config.patience,
+    )
+    builders = choose_builders(config, context, task, prepared.trial_data.has_pairs, reporter)
+    return Setup(config, task, objective, objectives, prepared, builders, source)
+
+
+def make_tuner(setup: Setup, run: Run, reporter: Reporter, strategy=None):
+    """The Keras Tuner tuner of a prepared search (state in ``run/tuner``)."""
+    hypermodel = accel.with_precision(BuilderChoice(setup.builders), setup.config.precision)
+    return _tuner_for(setup.config, setup.objective, setup.task, hypermodel, run.path, run=run,
+                      prepared=setup.prepared, builders=setup.builders, primary=setup.objective,
+                      objectives=setup.objectives, search_config=setup.config, reporter=reporter,
+                      distribution_strategy=strategy)
+
+
 def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overwrite: bool = False,
                reporter: Reporter | None = None) -> SearchResult:
     """Run (or resume) a search; returns the best trial's record and every trial's.
@@ -527,8 +569,8 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
         raise AutomammoError(f"unknown tuner {config.tuner!r}; known: {', '.join(TUNERS)}")
     if config.trials < 1 or config.epochs < 1 or config.patience < 0:
         raise AutomammoError("--trials and --epochs must be at least 1, --patience at least 0")
-    task = get_task(config.task)
-    objective, objectives = objectives_for(task, config.objective)
+    # Names and options are checked before any data is generated or read.
+    objectives_for(get_task(config.task), config.objective)
     for name in config.builders:
         registry.get("builder", name)
     accel.check(config.strategy, config.precision)
@@ -542,17 +584,9 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
         strategy = None
     else:
         strategy = accel.configure(config.strategy, config.precision, reporter)
-    ds, source = resolve_data(config, reporter)
-    if config.image_size is None:
-        config = dataclasses.replace(config, image_size=int(max(ds.image_shape)))
-    requested_pairs = any(registry.get("builder", n).inputs == "pair" for n in config.builders)
-    prepared = prepare_data(ds, task, config, source, need_pairs=requested_pairs)
-    context = BuildContext(
-        image_size=prepared.preprocessing.image_size, n_classes=task.n_classes, task=task.name,
-        seed=config.seed, weights=config.weights, weights_dir=config.weights_dir, cache_dir=run.cache_dir,
-        objective=objective.name, direction=objective.direction, patience=config.patience,
-    )
-    builders = choose_builders(config, context, task, prepared.trial_data.has_pairs, reporter)
+    setup = prepare_search(config, run, reporter)
+    config, prepared, builders, source = setup.config, setup.prepared, setup.builders, setup.source
+    task, objective, objectives = setup.task, setup.objective, setup.objectives
 
     if resume:
         stored = run.config()
@@ -571,10 +605,7 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
                   "folds": len(prepared.folds)},
         "versions": versions(),
     })
-    hypermodel = accel.with_precision(BuilderChoice(builders), config.precision)
-    tuner = _tuner_for(config, objective, task, hypermodel, run.path, run=run, prepared=prepared,
-                       builders=builders, primary=objective, objectives=objectives,
-                       search_config=config, reporter=reporter, distribution_strategy=strategy)
+    tuner = make_tuner(setup, run, reporter, strategy)
     if resume:
         tuner.oracle.max_trials = config.trials if config.tuner != "hyperband" else tuner.oracle.max_trials
     _deterministic(config.seed)

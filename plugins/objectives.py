@@ -9,7 +9,7 @@ import numpy as np
 from sklearn import metrics
 
 from automammo import hookimpl
-from automammo.objectives import Objective, predict_classes
+from automammo.objectives import Objective, ThresholdCounts, predict_classes
 
 
 def _accuracy(y, p, positive, threshold):
@@ -40,6 +40,19 @@ def _fbeta(beta):
     return score
 
 
+def _accuracy_sweep(c: ThresholdCounts):
+    return c.ratio(c.tp + c.tn, c.tp + c.tn + c.fp + c.fn)
+
+
+def _fbeta_sweep(beta):
+    b2 = beta * beta
+
+    def sweep(c: ThresholdCounts):
+        return c.ratio((1 + b2) * c.tp, (1 + b2) * c.tp + b2 * c.fn + c.fp)
+
+    return sweep
+
+
 def _loss(y, p, positive, threshold):
     p = np.clip(p, 1e-7, 1.0)
     # float32 softmax rows sum to 1 only within rounding; renormalise in float64.
@@ -60,13 +73,13 @@ def _sensitivity_at_specificity(target):
 
 OBJECTIVES = [
     Objective("accuracy", "max", _accuracy, "fraction correct (at the threshold for binary tasks)",
-              thresholded=True),
+              thresholded=True, sweep_score=_accuracy_sweep),
     Objective("auc", "max", _auc, "ROC AUC (macro one-vs-rest for multi-class)"),
     Objective("f1", "max", _fbeta(1.0), "F1 of the positive class (macro for multi-class)",
-              thresholded=True),
+              thresholded=True, sweep_score=_fbeta_sweep(1.0)),
     Objective("f2", "max", _fbeta(2.0),
               "F2: recall weighted 4x over precision, for when a missed cancer costs most "
-              "(macro for multi-class)", thresholded=True),
+              "(macro for multi-class)", thresholded=True, sweep_score=_fbeta_sweep(2.0)),
     Objective("loss", "min", _loss, "cross-entropy of the predicted probabilities"),
     Objective("sens_at_spec90", "max", _sensitivity_at_specificity(0.9),
               "sensitivity at 90% specificity (binary tasks)", binary_only=True),

@@ -37,6 +37,18 @@ def test_youden_j_against_a_direct_count():
     assert j == np.float64(2 / 3 + 3 / 4 - 1)
 
 
+def test_youden_j_vectorised_sweep_equals_one_call_per_threshold():
+    from automammo.objectives import THRESHOLDS
+
+    obj = registry.objectives()["youden_j"]
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 120)
+    p1 = np.round(rng.uniform(0, 1, 120), 2)
+    p = np.stack([1 - p1, p1], 1)
+    np.testing.assert_allclose(obj.sweep(y, p, 1), [obj(y, p, 1, t) for t in THRESHOLDS], atol=1e-12)
+    assert np.isnan(obj.sweep(np.ones(5, int), p[:5], 1)).all()
+
+
 def test_search_ensemble_and_fresh_process_reload(tmp_path, small_dataset_path, small_dataset):
     from automammo.ensemble import ensemble_and_export
 

@@ -103,3 +103,30 @@ def test_diverged_model_scores_worst(binary):
     logs = {}
     cb.on_epoch_end(0, logs)
     assert logs["val_auc"] == -np.inf and logs["val_loss"] == np.inf
+
+
+def _sweep_cases():
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 300)
+    # Ties, and probabilities exactly on the grid (0.5, 0.25, ...), where >= matters.
+    p1 = np.round(np.clip(0.3 * y + rng.uniform(0, 0.7, 300), 0, 1), 2)
+    p1[:20] = 0.5
+    yield "ties on the grid", y, p1, 1
+    yield "positive class 0", y, p1, 0
+    yield "one class only", np.ones(50, dtype=int), rng.uniform(0, 1, 50), 1
+    yield "hard 0/1 probabilities", y, (p1 > 0.5).astype(float), 1
+    yield "float32 softmax", y, rng.uniform(0, 1, 300).astype(np.float32), 1
+
+
+@pytest.mark.parametrize("name", ["accuracy", "f1", "f2"])
+def test_vectorised_sweep_equals_one_call_per_threshold(name):
+    """The one-sort sweep gives exactly what 99 scikit-learn calls give."""
+    obj = registry.objectives()[name]
+    assert obj.sweep_score is not None
+    for case, y, p1, positive in _sweep_cases():
+        p = np.stack([1 - p1, p1], axis=1)
+        fast = obj.sweep(y, p, positive)
+        slow = np.array([obj(y, p, positive, t) for t in np.round(np.linspace(0.01, 0.99, 99), 2)])
+        np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12, err_msg=f"{name}: {case}")
+        threshold, best = obj.best_threshold(y, p, positive)
+        assert best == slow.max() and obj(y, p, positive, threshold) == pytest.approx(best)

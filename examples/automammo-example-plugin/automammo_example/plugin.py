@@ -48,6 +48,14 @@ def youden_j(y_true, y_prob, positive, threshold):
     return float(called[truth].mean() + (~called[~truth]).mean() - 1.0)
 
 
+def youden_j_sweep(counts):
+    """Youden's J at every threshold at once (a search sweeps the threshold every epoch)."""
+    positives, negatives = counts.tp + counts.fn, counts.tn + counts.fp
+    if positives[0] == 0 or negatives[0] == 0:
+        return np.full(len(counts.thresholds), np.nan)
+    return counts.tp / positives + counts.tn / negatives - 1.0
+
+
 class NNLSMean(MetaLearner):
     """Weighted mean of member probabilities; weights >= 0 fitted by least squares."""
 
@@ -87,7 +95,7 @@ def automammo_register_builders():
 @hookimpl
 def automammo_register_objectives():
     return [Objective("youden_j", "max", youden_j, "Youden's J: sensitivity + specificity - 1 (example plugin)",
-                      thresholded=True, binary_only=True)]
+                      thresholded=True, binary_only=True, sweep_score=youden_j_sweep)]
 
 
 @hookimpl

@@ -112,36 +112,52 @@ class Augmentation:
         return not (self.rotation or self.shift or self.zoom)
 
 
+def affine_transforms(angles, scales, shifts_x, shifts_y, height: int, width: int):
+    """(B, 8) projective transforms for ``ImageProjectiveTransformV3``: rotate by ``angles``
+    (radians) and scale by ``scales`` about the image centre, then shift by ``shifts_*``
+    pixels. Each row maps an output pixel (x, y) to the input point it samples.
+    """
+    import tensorflow as tf
+
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    c, s = scales * tf.cos(angles), scales * tf.sin(angles)
+    zero = tf.zeros_like(c)
+    return tf.stack([c, -s, cx + shifts_x - c * cx + s * cy,
+                     s, c, cy + shifts_y - s * cx - c * cy, zero, zero], axis=1)
+
+
 def augment_fn(aug: Augmentation, seed: int):
     """A batched tf function ((B, S, S, C), seed[2]) -> (B, S, S, C); channels move together.
 
-    The symmetries use stateless random ops fed by a seeded stream, so the same search seed
-    gives the same augmentation in every trial, whatever ran before it in the process.
+    Every draw is a stateless random op fed by ``seed`` (a seeded stream in the pipeline),
+    so the same search seed gives the same augmentation in every trial, whatever ran before
+    it in the process. The symmetries are three whole-batch selects (transpose, flip
+    up-down, flip left-right: 2 x 2 x 2 = the 8 symmetries of the square); rotation, shift
+    and zoom are composed into one affine map per patch and resampled once (bilinear,
+    reflected borders), not once per transform.
     """
-    import keras
+    import math
+
     import tensorflow as tf
 
-    layers = []
-    if aug.rotation:
-        layers.append(keras.layers.RandomRotation(aug.rotation / 360.0, fill_mode="reflect", seed=seed))
-    if aug.shift:
-        layers.append(keras.layers.RandomTranslation(aug.shift, aug.shift, fill_mode="reflect", seed=seed + 1))
-    if aug.zoom:
-        layers.append(keras.layers.RandomZoom(aug.zoom, fill_mode="reflect", seed=seed + 2))
-
-    def symmetry(args):
-        img, k, flip = args
-        img = tf.image.rot90(img, k)
-        return tf.cond(flip, lambda: tf.image.flip_left_right(img), lambda: img)
+    del seed  # the per-batch seeds come from the pipeline's seeded stream
+    resample = bool(aug.rotation or aug.shift or aug.zoom)
 
     def apply(batch, op_seed):
+        n = tf.shape(batch)[0]
         if aug.symmetries:
-            n = tf.shape(batch)[0]
-            k = tf.random.stateless_uniform([n], op_seed, minval=0, maxval=4, dtype=tf.int32)
-            flip = tf.random.stateless_uniform([n], op_seed + 1) < 0.5
-            batch = tf.map_fn(symmetry, (batch, k, flip), fn_output_signature=batch.dtype)
-        for layer in layers:
-            batch = layer(batch, training=True)
+            bits = tf.random.stateless_uniform([3, n, 1, 1, 1], op_seed) < 0.5
+            batch = tf.where(bits[0], tf.transpose(batch, [0, 2, 1, 3]), batch)
+            batch = tf.where(bits[1], tf.reverse(batch, [1]), batch)
+            batch = tf.where(bits[2], tf.reverse(batch, [2]), batch)
+        if resample:
+            u = tf.random.stateless_uniform([4, n], op_seed + 1, minval=-1.0, maxval=1.0)
+            h, w = batch.shape[1], batch.shape[2]
+            transforms = affine_transforms(u[0] * math.radians(aug.rotation), 1.0 + u[1] * aug.zoom,
+                                           u[2] * aug.shift * w, u[3] * aug.shift * h, h, w)
+            batch = tf.raw_ops.ImageProjectiveTransformV3(
+                images=batch, transforms=transforms, output_shape=tf.shape(batch)[1:3],
+                fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
         return batch
 
     return apply
@@ -184,7 +200,13 @@ class TrialData:
         return {"lesion": x, "baseline": b}
 
     def dataset(self, part: str, batch_size: int, pair: bool = False, training: bool | None = None):
-        """A batched, prefetched tf.data pipeline; shuffled and augmented when training."""
+        """A batched, prefetched tf.data pipeline; shuffled and augmented when training.
+
+        The pipeline shuffles indices, not patches, and gathers each batch in one op from
+        the arrays held once in memory (a shuffle buffer of patches would be a second copy
+        of the fit set); augmentation then runs on whole batches, in parallel, ahead of
+        the model.
+        """
         import tensorflow as tf
 
         training = (part == "fit") if training is None else training
@@ -196,17 +218,24 @@ class TrialData:
                 # once per part, not once per trial.
                 inputs = self.inputs(part, True)
                 self._stacked[part] = np.concatenate([inputs["lesion"], inputs["baseline"]], axis=-1)
-            ds = tf.data.Dataset.from_tensor_slices((self._stacked[part], y))
-        else:
-            ds = tf.data.Dataset.from_tensor_slices((x, y))
+            x = self._stacked[part]
+        images, labels = tf.constant(x), tf.constant(y)
+        order = tf.data.Dataset.range(len(y))
         if training:
-            ds = ds.shuffle(len(y), seed=self.seed, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size)
-        if training and (self.augmentation.symmetries or not self.augmentation.only_symmetries):
+            order = order.shuffle(len(y), seed=self.seed, reshuffle_each_iteration=True)
+        order = order.batch(batch_size)
+        augment = training and (self.augmentation.symmetries or not self.augmentation.only_symmetries)
+        if augment:
             aug = augment_fn(self.augmentation, self.seed)
             seeds = tf.data.Dataset.random(seed=self.seed, rerandomize_each_iteration=True).batch(2)
-            ds = tf.data.Dataset.zip((ds, seeds)).map(lambda ab, s: (aug(ab[0], s), ab[1]),
-                                                      num_parallel_calls=tf.data.AUTOTUNE)
+
+            def load(index, op_seed):
+                return aug(tf.gather(images, index), op_seed), tf.gather(labels, index)
+
+            ds = tf.data.Dataset.zip((order, seeds)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            ds = order.map(lambda index: (tf.gather(images, index), tf.gather(labels, index)),
+                           num_parallel_calls=tf.data.AUTOTUNE)
         if pair:
             ds = ds.map(lambda a, b: ({"lesion": a[..., :1], "baseline": a[..., 1:]}, b))
         return ds.prefetch(tf.data.AUTOTUNE)

@@ -92,6 +92,42 @@ def test_free_rotation_shift_zoom_run():
     data = _data(aug=Augmentation(symmetries=False, rotation=20, shift=0.1, zoom=0.1))
     xb, _ = next(iter(data.dataset("fit", 16)))
     assert xb.shape == (16, 8, 8, 1)
+    xb = xb.numpy()
+    assert np.isfinite(xb).all() and xb.min() >= 0.0 and xb.max() <= 1.0
+    # Resampled, so no patch is any exact symmetry of an original.
+    assert not any(np.array_equal(img, s) for img in xb[..., 0]
+                   for orig in data.x_fit[..., 0] for s in _symmetries(orig))
+    again, _ = next(iter(_data(aug=Augmentation(symmetries=False, rotation=20, shift=0.1, zoom=0.1))
+                         .dataset("fit", 16)))
+    np.testing.assert_array_equal(xb, again.numpy())
+
+
+def _resample(images, angle=0.0, scale=1.0, dx=0.0, dy=0.0):
+    import tensorflow as tf
+
+    from automammo.preprocess import affine_transforms
+
+    n, h, w = images.shape[:3]
+    one = tf.ones([n])
+    t = affine_transforms(angle * one, scale * one, dx * one, dy * one, h, w)
+    return tf.raw_ops.ImageProjectiveTransformV3(images=tf.constant(images), transforms=t, output_shape=[h, w],
+                                                 fill_value=0.0, interpolation="BILINEAR",
+                                                 fill_mode="REFLECT").numpy()
+
+
+def test_affine_transform_geometry():
+    """The composed map rotates about the centre, scales about it and shifts by pixels."""
+    img = np.random.default_rng(0).uniform(0, 1, (2, 9, 9, 1)).astype(np.float32)
+    np.testing.assert_allclose(_resample(img), img, atol=1e-6)
+    quarter = _resample(img, angle=np.pi / 2)
+    assert any(np.allclose(quarter[0, ..., 0], np.rot90(img[0, ..., 0], k), atol=1e-5) for k in (1, 3))
+    # Scale 2 about the centre samples every other pixel around it: the centre pixel stays.
+    np.testing.assert_allclose(_resample(img, scale=2.0)[:, 4, 4], img[:, 4, 4], atol=1e-6)
+    np.testing.assert_allclose(_resample(img, scale=2.0)[:, 3, 3], img[:, 2, 2], atol=1e-6)
+    shifted = _resample(img, dx=2.0)
+    np.testing.assert_allclose(shifted[:, :, :7], img[:, :, 2:], atol=1e-6)
+    # Reflected border ("d c b a | a b c d"): the sample past the right edge is the edge itself.
+    np.testing.assert_allclose(shifted[:, :, 7], img[:, :, 8], atol=1e-6)
 
 
 def test_balanced_class_weight_matches_sklearn():

@@ -724,11 +724,12 @@ def work(chief: str | None, run_dir, tuner_id: str | None = None, threads: int |
     try:
         tuner, config = _worker_tuner(run, stored, beat, strategy)
         _adapt_client(tuner.oracle, max_trials)
-        from automammo.search import _deterministic
+        from automammo.search import _deterministic, frozen_heap
 
         _deterministic(config.seed)
         beat.search_begin(run.path, None, config, len(run.trials()))
-        tuner.search(epochs=config.epochs, verbose=0)
+        with frozen_heap():
+            tuner.search(epochs=config.epochs, verbose=0)
         status = "finished"
     finally:
         beat.stop(status)

@@ -152,6 +152,10 @@ def make_callback(objectives, predict: Callable[[object], np.ndarray], y_true, p
     import keras
 
     class ObjectivesCallback(keras.callbacks.Callback):
+        # Builders skip Keras' own validation pass when this callback is present: it logs
+        # val_loss with the rest, from the one prediction of the validation set.
+        scores_validation = True
+
         def on_epoch_end(self, epoch, logs=None):
             if logs is None:
                 return

@@ -43,7 +43,7 @@ import keras
 import numpy as np
 
 from automammo import hookimpl, weights
-from automammo.builders import Builder, make_optimizer
+from automammo.builders import Builder, make_optimizer, predict_probabilities
 from automammo.errors import AutomammoError
 from automammo.feature_cache import FeatureCache, FeatureKey, fingerprint, weights_fingerprint
 from automammo.preprocess import TrialData
@@ -289,10 +289,12 @@ class TransferBuilder(Builder):
         from automammo.objectives import make_callback
 
         objective = registry.get("objective", self.context.objective)
+        positive = _positive_class(self.context)
+        # The search's own score: a thresholded objective at its best threshold.
+        monitor = f"val_{objective.name}_best" if objective.thresholded and positive is not None else f"val_{objective.name}"
         return [
-            make_callback([objective], lambda m: m.predict(val_inputs, batch_size=256, verbose=0),
-                          data.y_val, _positive_class(self.context)),
-            keras.callbacks.EarlyStopping(monitor=f"val_{objective.name}", mode=self.context.direction,
+            make_callback([objective], lambda m: predict_probabilities(m, val_inputs, 256), data.y_val, positive),
+            keras.callbacks.EarlyStopping(monitor=monitor, mode=self.context.direction,
                                           patience=self.context.patience, restore_best_weights=True),
         ]
 

@@ -71,3 +71,20 @@ def test_scratch_space_matches_the_seed_experiments():
     assert set(space["optimizer"].values) == {"adam", "rmsprop"}
     assert set(space["class_weight"].values) == {"none", "balanced"}
     assert max(space["dense_units_0"].values) == 512 and min(space["dense_units_0"].values) == 16
+
+
+def test_predict_probabilities_matches_keras_predict():
+    from automammo.builders import predict_probabilities
+
+    lesion, baseline = keras.Input((8, 8, 1), name="lesion"), keras.Input((8, 8, 1), name="baseline")
+    x = keras.layers.Concatenate()([lesion, baseline])
+    out = keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(x))
+    model = keras.Model({"lesion": lesion, "baseline": baseline}, out)
+    rng = np.random.default_rng(0)
+    inputs = {"lesion": rng.uniform(size=(300, 8, 8, 1)).astype("float32"),
+              "baseline": rng.uniform(size=(300, 8, 8, 1)).astype("float32")}
+    # 300 = two full chunks of 128 and a partial one.
+    np.testing.assert_allclose(predict_probabilities(model, inputs), model.predict(inputs, verbose=0), atol=1e-6)
+    single = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])
+    np.testing.assert_allclose(predict_probabilities(single, inputs["lesion"], 64),
+                               single.predict(inputs["lesion"], verbose=0), atol=1e-6)

@@ -65,6 +65,32 @@ def test_best_model_reproduces_the_recorded_score(finished_run, small_dataset):
     assert f2 == pytest.approx(best["score"], abs=1e-6)
 
 
+def test_score_is_the_kept_model_after_the_warm_up(tmp_path, small_dataset_path):
+    """A thresholded objective skips a warm-up (min(patience, epochs // 4) epochs) in early
+    stopping, in the trial's score and in its best epoch alike, so the oracle scores the very
+    model that is saved; Keras Tuner's checkpoint holds it too, written once."""
+    from automammo import registry
+
+    result = run_search(_config(small_dataset_path, trials=2, epochs=8, patience=2), tmp_path / "r")
+    run = Run(result.run_dir)
+    f2 = registry.objectives()["f2"]
+    for t in run.trials():
+        assert t["status"] == "COMPLETED" and t["best_epoch"] >= 3
+        preds = run.load_preds(t["trial_id"])
+        assert f2.best_threshold(preds["y_true"], preds["y_prob"].astype(np.float64), 1)[1] == pytest.approx(
+            t["score"], abs=1e-6)
+        assert t["score"] == pytest.approx(t["history"]["val_f2_best"][t["best_epoch"] - 1])
+    assert len(list((run.path / "tuner").rglob("checkpoint.weights.h5"))) == 2
+
+
+def test_threshold_free_objectives_have_no_warm_up(tmp_path, small_dataset_path):
+    result = run_search(_config(small_dataset_path, objective="auc", trials=1, epochs=8, patience=1), tmp_path / "r")
+    t = result.trials[0]
+    series = t["history"]["val_auc"]
+    # Patience 1 from the first epoch: training ends one epoch after its best.
+    assert t["epochs"] == min(8, int(np.nanargmax(series)) + 2) and t["best_epoch"] == int(np.nanargmax(series)) + 1
+
+
 def test_validation_is_patient_disjoint_from_fit(finished_run, small_dataset):
     run = Run(finished_run.run_dir)
     val_rows = run.load_preds(run.trials()[0]["trial_id"])["index"]

@@ -16,6 +16,10 @@ import click
 if not os.environ.get("AUTOMAMMO_DEBUG") and "--debug" not in sys.argv:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    # The start-up lines printed before TensorFlow reads that variable.
+    from automammo import _quiet
+
+    _quiet.install()
 
 from automammo import __version__
 from automammo.errors import AutomammoError

@@ -22,8 +22,8 @@ and appends each one to ``trials.jsonl`` itself. It also keeps ``workers/<id>.js
 trial: the chief ends that trial as FAILED, records it, and, for a local worker, starts a
 replacement. A local worker is seen dying at once; one on another machine when its
 heartbeat has not changed for ``HEARTBEAT_TIMEOUT`` seconds. Local workers are also
-replaced by fresh processes every ``RECYCLE_TRIALS`` trials, which keeps memory flat over a
-long search.
+replaced by fresh processes every ``RECYCLE_TRIALS`` trials, a bound on whatever memory a
+long-lived training process keeps that the search cannot free.
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ HEARTBEAT_TIMEOUT = 180.0
 # How long a worker started before its chief waits for the run's config.json.
 CONFIG_WAIT_SECONDS = 600.0
 # A local worker leaves after this many trials and the chief starts a fresh one in its
-# place: Keras 3 on TensorFlow keeps part of every trained model's traced graphs alive
-# whatever the session clearing (keras-team/keras#17458, tensorflow/tensorflow#61791), so a
-# long-lived training process grows by tens of MiB a trial. A new process costs seconds.
-RECYCLE_TRIALS = 10
+# place. The search frees every trial's graphs itself (see search._drop_custom_gradients),
+# so this is insurance against what it cannot free: a third-party builder's caches, the
+# allocator's high-water mark. A new process costs seconds, once per this many trials.
+RECYCLE_TRIALS = 50
 # The exit code of a worker that left after its quota of trials, to be replaced.
 RECYCLE_EXIT = 75
 # How long the chief waits, once the search is over, for local workers to exit by themselves.

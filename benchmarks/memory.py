@@ -2,20 +2,23 @@
 
 Keras Tuner users have long seen memory climb trial after trial until a long search dies.
 automammo clears the Keras session and collects garbage after every trial and keeps no
-model or history in memory; even so Keras 3 on TensorFlow keeps part of every trained
-model's traced graphs alive (keras-team/keras#17458, tensorflow/tensorflow#61791). Two ways
+model or history in memory. It also drops the ``tf.custom_gradient`` entries each trial's
+train step leaves in TensorFlow's global gradient registry, whose closures would otherwise
+keep every traced train-step graph alive (tensorflow/tensorflow#97697). Two ways
 of running the same search of ``--trials`` small scratch-CNN trials (the search's defaults
 otherwise, TensorBoard logging included):
 
 - ``in-process``: ``run_search`` trains every trial itself; RSS read from
   /proc/self/status after each trial is recorded;
 - ``worker``: a chief and one local worker process (``distributed.serve``) that a fresh
-  process replaces every ``--recycle`` trials; the worker writes its RSS after each trial
-  to its heartbeat file.
+  process replaces every ``--recycle`` trials (default ``distributed.RECYCLE_TRIALS``, 50:
+  longer than the benchmark); the worker writes its RSS after each trial to its heartbeat
+  file.
 
-Target: RSS grows by less than 10% from trial 5 to trial 30. A recycled worker's RSS is a
-saw-tooth (it drops at each new process), so the table also compares the highest RSS of
-each window of ``--recycle`` trials, first window against last.
+Target: RSS grows by less than 10% from trial 5 to trial 30. The search draws models of
+different sizes, and the first trial with a model larger than any before raises the
+allocator's high-water mark once; a leak grows every trial. So the table also compares the
+highest RSS of each window of ``--window`` trials, first window against last.
 
 Usage::
 
@@ -91,11 +94,17 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--lesions", type=int, default=200)
-    parser.add_argument("--recycle", type=int, default=10, help="worker mode: fresh process every N trials")
+    parser.add_argument("--recycle", type=int, default=None,
+                        help="worker mode: fresh process every N trials (default: distributed.RECYCLE_TRIALS)")
+    parser.add_argument("--window", type=int, default=10, help="trials per window for the peak comparison")
     parser.add_argument("--modes", nargs="+", default=["in-process", "worker"], choices=["in-process", "worker"])
     args = parser.parse_args(argv)
     if args.trials < 6:
         parser.error("--trials must be at least 6 (growth is measured from trial 5)")
+    if args.recycle is None:
+        from automammo.distributed import RECYCLE_TRIALS
+
+        args.recycle = RECYCLE_TRIALS
 
     from automammo.phantom import synthesize
 
@@ -106,15 +115,16 @@ def main(argv=None) -> int:
         for mode in args.modes:
             rss = (in_process if mode == "in-process" else in_worker)(data, args, Path(tmp))
             growth = (rss[-1] - rss[4]) / rss[4]
-            # A recycled worker's memory is a saw-tooth: compare like phases, the highest RSS
-            # of each window of --recycle trials, first window against last.
-            peaks = [max(rss[i:i + args.recycle]) for i in range(0, len(rss), args.recycle)]
+            # A recycled worker's memory is a saw-tooth, and a model larger than any before
+            # raises the high-water mark once: compare the highest RSS of each window of
+            # --window trials too, first window against last.
+            peaks = [max(rss[i:i + args.window]) for i in range(0, len(rss), args.window)]
             results[mode] = {"rss_mb": rss, "growth_5_to_last": growth, "peak_mb": max(rss),
                              "mib_per_trial_after_5": (rss[-1] - rss[4]) / (len(rss) - 5), "met": growth < 0.10,
                              "window_peaks_mb": peaks, "window_peak_growth": (peaks[-1] - peaks[0]) / peaks[0]}
     print()
     print(_bench.table(["mode", "after trial 1", "after trial 5", f"after trial {args.trials}", "peak",
-                        "MiB/trial after 5", "growth 5 to last", f"peak of each {args.recycle} trials",
+                        "MiB/trial after 5", "growth 5 to last", f"peak of each {args.window} trials",
                         "first to last peak"],
                        [[m, r["rss_mb"][0], r["rss_mb"][4], r["rss_mb"][-1], r["peak_mb"], r["mib_per_trial_after_5"],
                          f"{100 * r['growth_5_to_last']:+.1f}%", " ".join(f"{p:.0f}" for p in r["window_peaks_mb"]),

@@ -287,17 +287,19 @@ def _make_tuner_class(base):
             for k, fold in enumerate(self.prepared.folds):
                 keras.utils.set_random_seed(seed + k)
                 history: dict = {}
+                # The absolute index of each epoch in history: what early stopping's warm-up
+                # counts (a Hyperband round or a transfer fine-tuning phase starts late).
+                indices: list[int] = []
                 extra["folds"].append(history)
+                extra.setdefault("epoch_indices", []).append(indices)
                 epochs = kwargs.get("epochs", self.config.epochs)
+                extra.setdefault("warmups", []).append(self._warmup(epochs))
                 fold_kwargs = dict(kwargs, data=fold.trial_data,
-                                   callbacks=self._callbacks(trial.trial_id, fold, k, pair, history, epochs))
-                # Early stopping counts the warm-up in absolute epochs; a Hyperband round
-                # that resumes at initial_epoch has that many fewer left to skip.
-                extra.setdefault("warmups", []).append(max(0, self._warmup(epochs) - kwargs.get("initial_epoch", 0)))
-                results.append(self._fit_fold(trial, history, extra["warmups"][-1], *args, **fold_kwargs))
+                                   callbacks=self._callbacks(trial.trial_id, fold, k, pair, history, indices, epochs))
+                results.append(self._fit_fold(trial, history, indices, extra["warmups"][-1], *args, **fold_kwargs))
             return results
 
-        def _fit_fold(self, trial, history, warmup, *args, callbacks, **kwargs):
+        def _fit_fold(self, trial, history, indices, warmup, *args, callbacks, **kwargs):
             """Keras Tuner's ``run_trial`` for one execution, with its checkpoint written once.
 
             Returns the validation metrics of the epoch early stopping restored, the model
@@ -313,7 +315,7 @@ def _make_tuner_class(base):
             callbacks.append(tuner_utils.TunerCallback(self, trial))
             callbacks.append(_SaveWeightsAtEnd(self._get_checkpoint_fname(trial.trial_id)))
             self._build_and_fit_model(trial, *args, callbacks=callbacks, **kwargs)
-            _, metrics = self._best_epoch_metrics(history, warmup)
+            _, metrics = self._best_epoch_metrics(history, warmup, indices)
             out = {f"val_{k}": v for k, v in metrics.items() if v is not None}
             worst = -np.inf if self.objective_obj.direction == "max" else np.inf
             out.setdefault(f"val_{self.score_key}", worst)
@@ -329,7 +331,7 @@ def _make_tuner_class(base):
             """
             return min(self.config.patience, epochs // 4) if self.score_key != self.objective_obj.name else 0
 
-        def _callbacks(self, trial_id, fold, k, pair, history, epochs):
+        def _callbacks(self, trial_id, fold, k, pair, history, indices, epochs):
             data = fold.trial_data
             val_inputs = data.inputs("val", pair)
 
@@ -348,7 +350,7 @@ def _make_tuner_class(base):
                 callbacks.append(_TrialEnd(self, trial_id, predict, fold))
                 if self.config.tensorboard:
                     callbacks.append(keras.callbacks.TensorBoard(str(self.run.logs_dir), profile_batch=0))
-            return callbacks + [_Progress(self.reporter, epochs, history)]
+            return callbacks + [_Progress(self.reporter, epochs, history, indices)]
 
         def on_trial_begin(self, trial):
             self._gradients_before = _custom_gradient_names()
@@ -376,7 +378,8 @@ def _make_tuner_class(base):
             name, own = builder_hyperparameters(trial.hyperparameters.values)
             folds = extra.get("folds") or [{}]
             warmups = extra.get("warmups") or [0] * len(folds)
-            per_fold = [self._best_epoch_metrics(h, w) for h, w in zip(folds, warmups)]
+            indices = extra.get("epoch_indices") or [[]] * len(folds)
+            per_fold = [self._best_epoch_metrics(h, w, i) for h, w, i in zip(folds, warmups, indices)]
             history = folds[0]
             best_epoch, _ = per_fold[0]
             series = history.get(f"val_{self.score_key}", [])
@@ -410,17 +413,12 @@ def _make_tuner_class(base):
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
 
-        def _best_epoch_metrics(self, history: dict, warmup: int) -> tuple[int | None, dict]:
-            """(best epoch index, validation metrics at that epoch) of one training run.
-
-            The epoch early stopping restores: the first best one after the warm-up.
-            """
-            series = history.get(f"val_{self.score_key}", [])
-            arr = np.asarray([np.nan if v is None else v for v in series], dtype=float)
-            arr[:min(warmup, max(len(arr) - 1, 0))] = np.nan
-            if not len(arr) or np.all(np.isnan(arr)):
+        def _best_epoch_metrics(self, history: dict, warmup: int, indices: list[int]) -> tuple[int | None, dict]:
+            """(best epoch index, validation metrics at that epoch) of one training run."""
+            best = restored_epoch(history.get(f"val_{self.score_key}", []), self.objective_obj.direction,
+                                  warmup, indices)
+            if best is None:
                 return None, {}
-            best = int(np.nanargmax(arr) if self.objective_obj.direction == "max" else np.nanargmin(arr))
             return best, {k[4:]: _finite(v[best]) for k, v in history.items()
                           if k.startswith("val_") and best < len(v)}
 
@@ -437,6 +435,28 @@ def _make_tuner_class(base):
                     path.unlink(missing_ok=True)
 
     return AutomammoTuner
+
+
+def restored_epoch(series, direction: str, warmup: int, indices) -> int | None:
+    """Position in ``series`` of the epoch Keras' EarlyStopping restores, or None.
+
+    ``series`` holds the monitored value of each epoch trained (None or NaN when missing),
+    ``indices`` each one's absolute epoch index. EarlyStopping ignores epochs before
+    ``warmup`` (``start_from_epoch``) and restores the first best of the others; when every
+    epoch is in the warm-up it restores nothing and the last epoch's weights stay.
+    """
+    arr = np.asarray([np.nan if v is None else v for v in series], dtype=float)
+    if not len(arr):
+        return None
+    indices = list(indices)
+    absolute = np.asarray(indices[-len(arr):] if len(indices) >= len(arr) else range(len(arr)))
+    warming = absolute < warmup
+    if warming.all():
+        warming[-1] = False
+    arr[warming] = np.nan
+    if np.all(np.isnan(arr)):
+        return None
+    return int(np.nanargmax(arr) if direction == "max" else np.nanargmin(arr))
 
 
 def _gradient_registry() -> dict | None:
@@ -519,11 +539,12 @@ class _SaveWeightsAtEnd(_trial_end_callback_base()):
 
 
 class _Progress(_trial_end_callback_base(), _Unshared):
-    def __init__(self, reporter: Reporter, epochs: int, history: dict):
+    def __init__(self, reporter: Reporter, epochs: int, history: dict, indices: list[int]):
         super().__init__()
-        self.reporter, self.epochs, self.history = reporter, epochs, history
+        self.reporter, self.epochs, self.history, self.indices = reporter, epochs, history, indices
 
     def on_epoch_end(self, epoch, logs=None):
+        self.indices.append(epoch)
         logs = dict(logs or {})
         for key, value in logs.items():
             self.history.setdefault(key, []).append(_finite(value))

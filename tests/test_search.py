@@ -83,6 +83,22 @@ def test_score_is_the_kept_model_after_the_warm_up(tmp_path, small_dataset_path)
     assert len(list((run.path / "tuner").rglob("checkpoint.weights.h5"))) == 2
 
 
+def test_restored_epoch_counts_the_warm_up_in_absolute_epochs():
+    from automammo.search import restored_epoch
+
+    # A phase that starts at absolute epoch 2 with a warm-up of 2: nothing of it is skipped.
+    assert restored_epoch([0.9, 0.5, 0.6], "max", 2, [2, 3, 4]) == 0
+    # From epoch 0, the first two are the warm-up, whatever they scored.
+    assert restored_epoch([0.9, 0.5, 0.6], "max", 2, [0, 1, 2]) == 2
+    # Ties go to the first, as EarlyStopping's strict improvement does; min objectives too.
+    assert restored_epoch([0.7, 0.7, 0.7], "max", 0, [0, 1, 2]) == 0
+    assert restored_epoch([0.5, 0.3, 0.4], "min", 1, [0, 1, 2]) == 1
+    # All in the warm-up: EarlyStopping restores nothing, the last epoch stays.
+    assert restored_epoch([0.9, 0.5], "max", 4, [0, 1]) == 1
+    assert restored_epoch([None, float("nan")], "max", 0, [0, 1]) is None
+    assert restored_epoch([], "max", 0, []) is None
+
+
 def test_threshold_free_objectives_have_no_warm_up(tmp_path, small_dataset_path):
     result = run_search(_config(small_dataset_path, objective="auc", trials=1, epochs=8, patience=1), tmp_path / "r")
     t = result.trials[0]

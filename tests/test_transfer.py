@@ -529,15 +529,23 @@ def test_a_search_with_two_transfer_trials_runs_end_to_end(tmp_path):
 
     path = tmp_path / "data.npz"
     make_dataset(n_pairs=48, size=32, dtype=np.uint8).save(path)
-    config = SearchConfig(data=str(path), task="benign-malignant", objective="auc", builders=["vgg16"],
-                          weights="none", image_size=32, trials=2, epochs=2, tensorboard=False)
+    from automammo import registry
+
+    # F2 has a warm-up (min(patience, epochs // 4) = 1 epoch) that the second phase, which
+    # starts at a later absolute epoch, must not be charged twice for.
+    config = SearchConfig(data=str(path), task="benign-malignant", objective="f2", builders=["vgg16"],
+                          weights="none", image_size=32, trials=2, epochs=4, patience=1, tensorboard=False)
     result = run_search(config, tmp_path / "run")
     run = Run(result.run_dir)
     trials = run.trials()
     assert [t["status"] for t in trials] == ["COMPLETED", "COMPLETED"]
+    f2 = registry.objectives()["f2"]
     for t in trials:
         assert t["builder"] == "vgg16" and {"unfreeze", "pooling", "dropout"} <= set(t["hyperparameters"])
-        assert 1 <= t["epochs"] <= 2
+        assert 1 <= t["epochs"] <= 4
+        # The oracle's score is the kept model's: F2 at the best threshold of its saved predictions.
+        p = run.load_preds(t["trial_id"])
+        assert f2.best_threshold(p["y_true"], p["y_prob"].astype(np.float64), 1)[1] == pytest.approx(t["score"], abs=1e-6)
     assert list((run.cache_dir / "features").glob("*/meta.json"))
     best = keras.saving.load_model(run.best_model_path, safe_mode=True)
     preds = run.load_preds(result.best["trial_id"])

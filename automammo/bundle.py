@@ -7,6 +7,8 @@ NAME.ammo/
                      metrics with n and intervals, sha256 of every other file, versions
   members/*.keras    the member models (Keras v3 format)
   meta.npz           the meta-learner's fitted parameters as plain arrays
+  oof.npz            the ensemble's out-of-fold probabilities and decisions on the stacking
+                     rows, what its validation metrics were computed from (plain arrays)
 ```
 
 A bundle is written into a temporary directory and renamed when complete. Loading refuses,
@@ -56,7 +58,7 @@ def sha256(path: Path) -> str:
 
 
 def write_bundle(out, manifest: dict, members: list[tuple[Path, str]], meta: MetaLearner,
-                 check=None) -> Path:
+                 check=None, arrays: dict[str, dict[str, np.ndarray]] | None = None) -> Path:
     """Write a bundle atomically.
 
     Args:
@@ -67,6 +69,7 @@ def write_bundle(out, manifest: dict, members: list[tuple[Path, str]], meta: Met
         meta: the fitted meta-learner.
         check: optional ``check(bundle)`` run on the loaded temporary bundle before it is
             renamed into place; raise to abandon the export.
+        arrays: further ``.npz`` files to write, by relative path (``{"oof.npz": {...}}``).
 
     Returns:
         The bundle path.
@@ -78,6 +81,8 @@ def write_bundle(out, manifest: dict, members: list[tuple[Path, str]], meta: Met
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, target)
         np.savez(tmp / "meta.npz", **meta.to_arrays())
+        for name, content in (arrays or {}).items():
+            np.savez(tmp / _safe_relpath(name), **content)
         files = {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
         full["meta_learner"] = {**manifest["meta_learner"], "name": meta.name, "file": "meta.npz"}
@@ -313,6 +318,36 @@ def verify_files(path: Path, manifest: dict) -> None:
             raise BundleError(f"{path}: {name} is missing")
         if sha256(file) != digest.lower():
             raise BundleError(f"{path}: {name} does not match its sha256 in the manifest (modified or corrupted)")
+
+
+OOF_ARRAYS = ("rows", "y_true", "y_prob", "decisions", "groups")
+
+
+def read_oof(path: Path, manifest: dict) -> dict[str, np.ndarray] | None:
+    """The ensemble's stored out-of-fold predictions, checked; None for a bundle without them.
+
+    Call :func:`verify_files` first: this checks the arrays' shapes, not the file's hash.
+    """
+    spec = manifest.get("oof")
+    if not spec:
+        return None
+    path = Path(path)
+    name = spec.get("file") if isinstance(spec, dict) else None
+    if not isinstance(name, str) or name not in manifest["files"]:
+        raise BundleError(f"{path}: the out-of-fold file {name!r} is not listed in the manifest")
+    file = _resolve_inside(path, name)
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            out = {k: z[k] for k in OOF_ARRAYS}
+    except (OSError, ValueError, KeyError) as exc:
+        raise BundleError(f"{file}: not the out-of-fold arrays {', '.join(OOF_ARRAYS)} ({exc})") from None
+    n, k = len(out["rows"]), len(manifest["task"]["classes"])
+    if out["y_prob"].shape != (n, k) or any(out[a].shape != (n,) for a in ("y_true", "decisions", "groups")):
+        raise BundleError(f"{file}: arrays of inconsistent shapes (rows {n}, probabilities {out['y_prob'].shape})")
+    for a in ("rows", "y_true", "decisions"):
+        if out[a].dtype.kind not in "iu":
+            raise BundleError(f"{file}: {a} must be integers, not {out[a].dtype}")
+    return out
 
 
 def _load_meta(path: Path, manifest: dict) -> MetaLearner:

@@ -429,8 +429,16 @@ def ensemble_and_export(run_dirs, out, meta: str | None = None, top: int = 5, di
         },
         "data": {"source": str(data or config.get("data")), "fingerprint": config.get("data_fingerprint"),
                  "runs": [str(Path(d)) for d in run_dirs]},
+        "oof": {"file": "oof.npz",
+                "description": "the chosen meta-learner's out-of-fold probabilities and cross-validated "
+                               "decisions on the stacking rows (dataset row indices), with their classes "
+                               "and patients: what the validation metrics were computed from"},
         "versions": versions(),
     }
+    oof_arrays = {"rows": np.asarray(rows, dtype=np.int64), "y_true": np.asarray(y, dtype=np.int64),
+                  "y_prob": np.asarray(best.oof, dtype=np.float64),
+                  "decisions": np.asarray(best.decisions, dtype=np.int64),
+                  "groups": np.asarray(groups).astype(str)}
     raw_x, raw_b = _raw_inputs(ds, rows, any(pairs))
 
     def check(bundle: Bundle) -> None:
@@ -442,7 +450,7 @@ def ensemble_and_export(run_dirs, out, meta: str | None = None, top: int = 5, di
             raise BundleError(f"the exported members do not reproduce their validation outputs (max difference {diff:.3g})")
 
     reporter.message(f"writing {out}")
-    write_bundle(out, manifest, copies, learner, check=check)
+    write_bundle(out, manifest, copies, learner, check=check, arrays={"oof.npz": oof_arrays})
     return EnsembleResult(out, _read(out), best.name, threshold, best.score,
                           {n: a.summary() for n, a in assessments.items()},
                           {"member": best_member.name, "score": best_member.score})

@@ -13,9 +13,11 @@ Which predictions a report shows, and why:
   optimum threshold on those same predictions is shown too, marked as optimistic: it was
   chosen on the data it is scored on.
 - **bundle**: the ensemble's out-of-fold probabilities on the stacking rows and its
-  cross-validated decisions (``docs/ensembles.md``). The manifest stores their metrics
-  and confusion matrix; the probabilities themselves are recomputed from the member runs
-  exactly as the ensemble stage made them, and checked against the stored confusion matrix.
+  cross-validated decisions (``docs/ensembles.md``), stored in the bundle (``oof.npz``)
+  beside the metrics and confusion matrix the manifest computed from them, so a bundle
+  alone is enough. A bundle written before bundles kept them has them recomputed from the
+  member runs exactly as the ensemble stage made them; either way they are checked against
+  the stored confusion matrix.
 """
 
 from __future__ import annotations
@@ -211,10 +213,12 @@ def _open_bundle(path: Path, data) -> Source:
     objective = registry.get("objective", manifest["objective"]["name"])
     runs = [locate_run(r, path) for r in (manifest.get("data") or {}).get("runs", [])]
     source = Source("bundle", path, task, objective, manifest=manifest)
+    verified = True
     try:
         verify_files(path, manifest)
     except BundleError as exc:
         source.warnings.append(f"integrity check failed: {exc}")
+        verified = False
     by_run = {}
     for spec in manifest["members"]:
         run = locate_run(spec["run"], path)
@@ -226,9 +230,9 @@ def _open_bundle(path: Path, data) -> Source:
     source.dataset = _load_data(data or manifest_data.get("source"), manifest_data.get("fingerprint"),
                                 source.warnings)
     try:
-        source.preds = _ensemble_predictions(source, runs)
+        source.preds = _ensemble_predictions(source, runs, verified)
     except AutomammoError as exc:
-        source.warnings.append(f"the ensemble's out-of-fold predictions cannot be recomputed ({exc}); "
+        source.warnings.append(f"the ensemble's out-of-fold predictions are not in the bundle and cannot be recomputed ({exc}); "
                                "curves and the patch gallery are not shown")
     return source
 
@@ -247,13 +251,54 @@ def locate_run(recorded: str, bundle: Path) -> Run:
     return run
 
 
-def _ensemble_predictions(source: Source, runs: list[Run]) -> Predictions:
-    """The ensemble's out-of-fold probabilities and cross-validated decisions, recomputed.
+def _ensemble_predictions(source: Source, runs: list[Run], verified: bool = True) -> Predictions:
+    """The ensemble's out-of-fold probabilities and cross-validated decisions.
 
-    The same steps as ``automammo.ensemble.ensemble_and_export``: the stacking rows are the
-    validation rows every run held out; the same patient-grouped folds (recorded count and
-    seed); the same meta-learner fitted on the other folds.
+    Read from the bundle (``oof.npz``) when it holds them and its files passed their
+    integrity check; otherwise recomputed from the member runs (a bundle written before
+    bundles kept them, or a damaged one), by the same steps as
+    ``automammo.ensemble.ensemble_and_export``: the stacking rows are the validation rows
+    every run held out; the same patient-grouped folds (recorded count and seed); the same
+    meta-learner fitted on the other folds.
     """
+    from automammo.bundle import read_oof
+    from automammo.errors import BundleError
+
+    stored = None
+    if verified:
+        try:
+            stored = read_oof(source.path, source.manifest)
+        except BundleError as exc:
+            source.warnings.append(f"{exc}; recomputing them from the member runs")
+    if stored is not None:
+        return _ensemble_from(source, stored["rows"], stored["y_true"], stored["y_prob"], stored["decisions"],
+                              stored["groups"])
+    return _recompute_ensemble_predictions(source, runs)
+
+
+def _ensemble_from(source: Source, rows, y, oof, decisions, groups) -> Predictions:
+    manifest, task = source.manifest, source.task
+    rule_spec = manifest.get("threshold_rule") or {}
+    if source.positive is not None:
+        rule = ThresholdRule(source.objective, rule_spec.get("min_sensitivity"))
+        label = f"the bundle's threshold ({rule.describe()}, chosen on out-of-fold probabilities)"
+    else:
+        label = "argmax (multi-class task)"
+    stored_cm = manifest["validation"].get("confusion_matrix", {}).get("counts")
+    c = task.n_classes
+    cm = np.bincount(y * c + decisions, minlength=c * c).reshape(c, c).tolist()
+    n_members = len(manifest["members"])
+    return Predictions(
+        subject=f"ensemble of {n_members} member{'s' if n_members != 1 else ''} ({manifest['meta_learner']['name']})",
+        description=("out-of-fold ensemble probabilities on the stacking rows (validation rows no "
+                     "member was fitted on); each fold decided at a threshold chosen on the others"),
+        rows=rows, y_true=y, y_prob=oof, decisions=decisions,
+        threshold=manifest["threshold"], threshold_label=label, groups=groups,
+        reproduced=stored_cm == cm,
+    )
+
+
+def _recompute_ensemble_predictions(source: Source, runs: list[Run]) -> Predictions:
     from automammo.ensemble import make_folds, out_of_fold
 
     manifest, task, ds = source.manifest, source.task, source.dataset
@@ -284,21 +329,9 @@ def _ensemble_predictions(source: Source, runs: list[Run]) -> Predictions:
     if positive is not None:
         rule = ThresholdRule(source.objective, rule_spec.get("min_sensitivity"))
         decisions, _ = cross_validated_decisions(y, oof[:, positive], folds, rule, positive)
-        label = f"the bundle's threshold ({rule.describe()}, chosen on out-of-fold probabilities)"
     else:
-        decisions, label = np.argmax(oof, axis=1), "argmax (multi-class task)"
-    stored_cm = validation.get("confusion_matrix", {}).get("counts")
-    c = task.n_classes
-    cm = np.bincount(y * c + decisions, minlength=c * c).reshape(c, c).tolist()
-    n_members = len(manifest["members"])
-    return Predictions(
-        subject=f"ensemble of {n_members} member{'s' if n_members != 1 else ''} ({meta_name})",
-        description=("out-of-fold ensemble probabilities on the stacking rows (validation rows no "
-                     "member was fitted on); each fold decided at a threshold chosen on the others"),
-        rows=rows, y_true=y, y_prob=oof, decisions=decisions,
-        threshold=manifest["threshold"], threshold_label=label, groups=groups,
-        reproduced=stored_cm == cm,
-    )
+        decisions = np.argmax(oof, axis=1)
+    return _ensemble_from(source, rows, y, oof, decisions, groups)
 
 
 def _member_features(source: Source, rows: np.ndarray) -> np.ndarray:

@@ -61,7 +61,9 @@ def test_layout_and_manifest(bundle_dir):
     files = {p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file()}
     assert files == set(manifest["files"]) | {"manifest.json"}
     assert manifest["meta_learner"]["file"] == "meta.npz"
-    assert all(f.startswith("members/") and f.endswith(".keras") for f in files - {"manifest.json", "meta.npz"})
+    assert manifest["oof"]["file"] == "oof.npz"
+    assert all(f.startswith("members/") and f.endswith(".keras")
+               for f in files - {"manifest.json", "meta.npz", "oof.npz"})
     assert manifest["task"] == {"name": "benign-malignant", "classes": ["benign", "malignant"], "positive": 1}
     assert manifest["objective"]["name"] == "f2" and manifest["image_size"] == 32
     for member in manifest["members"]:
@@ -288,3 +290,18 @@ def test_a_pair_bundle_needs_and_uses_baselines(tmp_path):
     assert f"{p[0, 1]:.6f}" in (tmp_path / "p.csv").read_text()
     missing = CliRunner().invoke(cli, ["predict", str(b.path), str(tmp_path / "l.png")])
     assert missing.exit_code == 2 and "--baseline" in missing.output
+
+
+def test_out_of_fold_arrays_of_the_wrong_shape_are_refused(tmp_path):
+    from automammo.bundle import read_oof
+
+    np.savez(tmp_path / "oof.npz", rows=np.arange(4), y_true=np.zeros(4, int), y_prob=np.zeros((4, 3)),
+             decisions=np.zeros(4, int), groups=np.array(["p"] * 4))
+    manifest = {"oof": {"file": "oof.npz"}, "files": {"oof.npz": "0" * 64},
+                "task": {"classes": ["benign", "malignant"]}}
+    with pytest.raises(BundleError, match="oof.npz: arrays of inconsistent shapes"):
+        read_oof(tmp_path, manifest)
+    np.savez(tmp_path / "oof.npz", rows=np.arange(4))
+    with pytest.raises(BundleError, match="not the out-of-fold arrays"):
+        read_oof(tmp_path, manifest)
+    assert read_oof(tmp_path, {"files": {}}) is None

@@ -167,6 +167,46 @@ def test_bundle_report_shows_members_meta_learner_threshold_and_metrics(bundle):
         assert needle in text, needle
 
 
+def test_stored_out_of_fold_predictions_are_what_the_runs_give_again(bundle):
+    from automammo.bundle import read_manifest, read_oof
+    from automammo.report import _recompute_ensemble_predictions, locate_run
+
+    manifest = read_manifest(bundle)
+    stored = read_oof(bundle, manifest)
+    source = open_source(bundle)
+    runs = [locate_run(r, bundle) for r in manifest["data"]["runs"]]
+    again = _recompute_ensemble_predictions(source, runs)
+    np.testing.assert_array_equal(stored["rows"], again.rows)
+    np.testing.assert_array_equal(stored["y_true"], again.y_true)
+    np.testing.assert_array_equal(stored["decisions"], again.decisions)
+    np.testing.assert_allclose(stored["y_prob"], again.y_prob, rtol=0, atol=1e-9)
+    assert list(stored["groups"]) == [str(g) for g in again.groups]
+
+
+def test_a_bundle_alone_is_enough_for_its_report(bundle, tmp_path):
+    """Runs and dataset gone: the curves still come from the bundle's own out-of-fold file."""
+    alone = tmp_path / "elsewhere" / "alone.ammo"
+    shutil.copytree(bundle, alone)
+    source = open_source(alone, data=tmp_path / "gone.npz")
+    report = collect(source)
+    assert source.preds is not None and report["evaluated"]["reproduced"] is True
+    assert report["confusion_matrix"] == json.loads((bundle / "manifest.json").read_text())["validation"]["confusion_matrix"]
+    assert not any("out-of-fold" in w for w in report["warnings"])
+    plots = write_plots(source, tmp_path / "plots")
+    # Only what needs the runs' trials or the dataset's images is skipped.
+    assert {s["plot"] for s in plots["skipped"]} == {"objective_by_trial", "misclassified"}
+
+
+def test_a_damaged_out_of_fold_file_is_not_trusted(bundle, tmp_path):
+    copy = tmp_path / "damaged.ammo"
+    shutil.copytree(bundle, copy)
+    np.savez(copy / "oof.npz", rows=np.arange(3))
+    report = collect(open_source(copy))
+    assert any("integrity check failed" in w and "oof.npz" in w for w in report["warnings"])
+    # Recomputed from the runs instead, and still the manifest's numbers.
+    assert report["evaluated"]["reproduced"] is True
+
+
 def _check_png(path):
     import matplotlib.image
 

@@ -14,11 +14,7 @@ import click
 import numpy as np
 
 from automammo.cli import console
-
-
-# Display order of metrics (a manifest stores them sorted by name).
-_ORDER = {name: i for i, name in enumerate(
-    ("accuracy", "auc", "f1", "f2", "sensitivity", "specificity", "ppv", "npv", "recall"))}
+from automammo.render import confusion_table, metrics_table
 
 
 class _Messages:
@@ -29,40 +25,6 @@ class _Messages:
 
     def message(self, text: str) -> None:
         self.con.print(f"[dim]{text}[/dim]")
-
-
-def metrics_table(report: dict, title: str):
-    """A rich table of ``clinical_metrics`` output: value, 95% interval, n."""
-    from rich.table import Table
-
-    from automammo.evaluation import format_metric
-
-    unit = report["bootstrap"]["unit"]
-    t = Table(title=title, title_justify="left",
-              caption=f"n = denominator; 95% CI: percentile bootstrap over {unit}s, "
-                      f"{report['bootstrap']['replicates']} replicates",
-              caption_justify="left")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    t.add_column("95% CI", justify="right")
-    t.add_column("n", justify="right")
-    for name, m in sorted(report["metrics"].items(), key=lambda kv: _ORDER.get(kv[0].split(" ")[0], 50)):
-        value, ci = format_metric(m, integer=" called " in name)
-        t.add_row(name, value, ci, str(m["n"]))
-    return t
-
-
-def confusion_table(report: dict):
-    from rich.table import Table
-
-    cm = report["confusion_matrix"]
-    t = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left")
-    t.add_column("")
-    for c in cm["classes"]:
-        t.add_column(c, justify="right")
-    for c, row in zip(cm["classes"], cm["counts"]):
-        t.add_row(c, *[str(v) for v in row])
-    return t
 
 
 @click.command()
@@ -111,7 +73,7 @@ def ensemble(runs, meta, top, diverse, features, objective, min_sensitivity, dat
         m.add_row(f"{Path(spec['run']).name}/{spec['trial_id']}", spec["builder"], spec["inputs"],
                   _f(spec["validation"]["score"]))
     con.print(m)
-    con.print(metrics_table(val, "validation metrics of the ensemble (out-of-fold, cross-validated threshold)"))
+    con.print(metrics_table(val, "Validation metrics of the ensemble (out-of-fold, cross-validated threshold)"))
     if result.threshold is not None:
         rule = manifest["threshold_rule"]
         why = (f"highest specificity with sensitivity >= {rule['min_sensitivity']:g}"
@@ -213,8 +175,8 @@ def evaluate(bundle, data_path, replicates, seed, as_json):
               f"{report['n']} samples of {report['n_patients']} patients, task {report['task']}"
               + (f", threshold {report['threshold']:.4f}" if report["threshold"] is not None else ""))
     con.print(f"[dim]{origin}[/dim]")
-    con.print(metrics_table(report, "test metrics"))
-    con.print(confusion_table(report))
+    con.print(metrics_table(report, "Test metrics"))
+    con.print(confusion_table(report["confusion_matrix"], con.width))
     for name, m in report["metrics"].items():
         if " called " in name:
             value, ci = format_metric(m, integer=True)

@@ -131,7 +131,7 @@ def test_evaluate_prints_n_and_intervals_on_the_test_split(shared, lesions):
     out = result.output
     assert f"{len(rows)} samples of {len(set(ds.patient[rows]))} patients" in out
     assert "95% CI" in out and "sensitivity" in out and "specificity" in out and "npv" in out
-    assert "malignant called benign" in out and "confusion matrix" in out
+    assert "malignant called benign" in out and "Confusion matrix" in out
 
     report = json.loads(invoke("evaluate", bundle, "--data", data, "--replicates", "300", "--json").output)
     assert report["split"] == "test" and report["n"] == len(rows) and report["same_data"] is True

@@ -53,6 +53,14 @@ class Objective:
         y_prob = np.asarray(y_prob, dtype=np.float64)
         return float(self.score(y_true, y_prob, positive, threshold))
 
+    def score_key(self, binary: bool) -> str:
+        """What a search scores and early-stops on: ``<name>_best``, the value at the
+        validation-optimal threshold, for a thresholded objective on a binary task (the
+        ensemble stage moves the threshold anyway, and at a fixed 0.5 an untrained model
+        that calls everything positive already scores F2 = 0.83 at 50% prevalence, so early
+        stopping would end trials before they learn); otherwise the name itself."""
+        return f"{self.name}_best" if self.thresholded and binary else self.name
+
     def better(self, a: float, b: float) -> bool:
         """True when score ``a`` is strictly better than ``b``."""
         if b is None or np.isnan(b):

@@ -258,7 +258,7 @@ def _make_tuner_class(base):
                      objectives, search_config: SearchConfig, reporter: Reporter, **kwargs):
             self.run, self.prepared, self.builders_by_name = run, prepared, builders
             self.objective_obj, self.objectives = primary, objectives
-            self.score_key = score_key(primary, prepared.task)
+            self.score_key = primary.score_key(prepared.task.binary)
             self.config, self.reporter = search_config, reporter
             self._extra: dict[str, dict] = {}
             self._gradients_before: set[str] | None = None
@@ -551,22 +551,10 @@ class _Progress(_trial_end_callback_base(), _Unshared):
         self.reporter.epoch_end(epoch + 1, self.epochs, logs)
 
 
-def score_key(objective, task: Task) -> str:
-    """What trials are scored and early-stopped on.
-
-    For a thresholded objective on a binary task this is its value at the
-    validation-optimal threshold (``<name>_best``): the ensemble stage moves the threshold
-    anyway, and at a fixed 0.5 an untrained model that calls everything positive already
-    scores F2 = 0.83 at 50% prevalence, so early stopping would end trials before they learn.
-    The value at 0.5 is recorded too.
-    """
-    return f"{objective.name}_best" if objective.thresholded and task.binary else objective.name
-
-
 def _tuner_for(config: SearchConfig, objective, task: Task, hypermodel, run_dir: Path, **kwargs):
     import keras_tuner as kt
 
-    kt_objective = kt.Objective(f"val_{score_key(objective, task)}", direction=objective.direction)
+    kt_objective = kt.Objective(f"val_{objective.score_key(task.binary)}", direction=objective.direction)
     common = dict(
         # Keras Tuner treats seed 0 as "no seed" and draws a random one.
         hypermodel=hypermodel, objective=kt_objective, seed=config.seed + 1,

@@ -290,11 +290,10 @@ class TransferBuilder(Builder):
 
         objective = registry.get("objective", self.context.objective)
         positive = _positive_class(self.context)
-        # The search's own score: a thresholded objective at its best threshold.
-        monitor = f"val_{objective.name}_best" if objective.thresholded and positive is not None else f"val_{objective.name}"
         return [
             make_callback([objective], lambda m: predict_probabilities(m, val_inputs, 256), data.y_val, positive),
-            keras.callbacks.EarlyStopping(monitor=monitor, mode=self.context.direction,
+            keras.callbacks.EarlyStopping(monitor=f"val_{objective.score_key(positive is not None)}",
+                                          mode=self.context.direction,
                                           patience=self.context.patience, restore_best_weights=True),
         ]
 

@@ -102,17 +102,57 @@ def test_free_rotation_shift_zoom_run():
     np.testing.assert_array_equal(xb, again.numpy())
 
 
-def _resample(images, angle=0.0, scale=1.0, dx=0.0, dy=0.0):
+def test_symmetries_fold_into_the_resampling():
+    """With resampling on, the symmetries are composed into the affine map: at a rotation
+    range of ~0 every patch is still one of the 8 symmetries of its original, all 8 occur,
+    and a pair's two channels move together."""
+    data = _data(n=64, aug=Augmentation(symmetries=True, rotation=1e-7))
+    inputs, _ = next(iter(data.dataset("fit", 64, pair=True)))
+    used = set()
+    for les, base in zip(inputs["lesion"].numpy()[..., 0], inputs["baseline"].numpy()[..., 0]):
+        hits = [(i, k) for i, orig in enumerate(data.x_fit[..., 0])
+                for k, s in enumerate(_symmetries(orig)) if np.allclose(les, s, atol=1e-5)]
+        assert len(hits) == 1
+        i, k = hits[0]
+        np.testing.assert_allclose(base, _symmetries(data.b_fit[i, ..., 0])[k], atol=1e-5)
+        used.add(k)
+    assert used == set(range(8))
+
+
+def _transforms(n, h, w, angle=0.0, scale=1.0, dx=0.0, dy=0.0):
     import tensorflow as tf
 
     from automammo.preprocess import affine_transforms
 
-    n, h, w = images.shape[:3]
     one = tf.ones([n])
-    t = affine_transforms(angle * one, scale * one, dx * one, dy * one, h, w)
-    return tf.raw_ops.ImageProjectiveTransformV3(images=tf.constant(images), transforms=t, output_shape=[h, w],
-                                                 fill_value=0.0, interpolation="BILINEAR",
-                                                 fill_mode="REFLECT").numpy()
+    return affine_transforms(angle * one, scale * one, dx * one, dy * one, h, w).numpy()
+
+
+def _resample(images, angle=0.0, scale=1.0, dx=0.0, dy=0.0):
+    from automammo.preprocess import resample_affine
+
+    return resample_affine(images, _transforms(*images.shape[:3], angle, scale, dx, dy))
+
+
+def test_resampling_matches_tensorflows_kernel():
+    """OpenCV's warpAffine samples exactly where TensorFlow's ImageProjectiveTransformV3
+    (bilinear, reflected borders) does, borders included, for one and two channels."""
+    import tensorflow as tf
+
+    from automammo.preprocess import resample_affine
+
+    rng = np.random.default_rng(1)
+    for channels in (1, 2):
+        img = rng.uniform(0, 1, (6, 24, 24, channels)).astype(np.float32)
+        t = np.concatenate([_transforms(3, 24, 24, 0.35, 1.1, 2.5, -3.0),
+                            _transforms(3, 24, 24, -0.3, 0.9, -1.25, 4.0)])
+        ours = resample_affine(img, t)
+        reference = tf.raw_ops.ImageProjectiveTransformV3(
+            images=tf.constant(img), transforms=tf.constant(t), output_shape=[24, 24], fill_value=0.0,
+            interpolation="BILINEAR", fill_mode="REFLECT").numpy()
+        assert ours.shape == img.shape
+        np.testing.assert_allclose(ours, reference, atol=1e-4)
+        assert not np.allclose(ours, img, atol=0.05)  # it did move the pixels
 
 
 def test_affine_transform_geometry():

@@ -61,9 +61,10 @@ def run_automammo(data: Path, args, root: Path) -> dict:
 
     reporter = TimeReporter()
     config = SearchConfig(data=str(data), task=args.task, objective="auc", builders=["scratch_cnn"],
-                          trials=args.trials, image_size=args.size, seed=args.seed)
+                          trials=args.trials, image_size=args.size, seed=args.seed, tuner=args.tuner)
     run_search(config, root / "automammo", reporter=reporter)
-    return {"search": "automammo (defaults)", "trials": reporter.trials}
+    name = "automammo (defaults)" if args.tuner == "random" else f"automammo (--tuner {args.tuner})"
+    return {"search": name, "trials": reporter.trials}
 
 
 def run_plain(data: Path, args, root: Path) -> dict:
@@ -153,6 +154,9 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=20, help="the plain search's fixed epochs (automammo's maximum)")
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tuner", default="random", choices=["random", "bayesian", "hyperband"],
+                        help="automammo's tuner (random is its default; hyperband decides its own trial count "
+                             "from --epochs)")
     args = parser.parse_args(argv)
 
     from automammo.phantom import synthesize

@@ -166,7 +166,16 @@ class BuilderChoice(kt.HyperModel):
     def build(self, hp):
         name, builder = self._scoped(hp)
         with hp.conditional_scope("builder", [name]), hp.name_scope(name):
-            return builder.build(hp)
+            model = builder.build(hp)
+        if "tuner/trial_id" in hp.values:
+            # Hyperband continues this trial from an earlier one's checkpoint, which it
+            # loads right after this build. Keras loads an optimizer's saved moments only
+            # into an optimizer that has built its own; unbuilt, it skips them with a
+            # warning and the continued trial restarts Adam or RMSprop from zero moments.
+            optimizer = getattr(model, "optimizer", None)
+            if optimizer is not None and not optimizer.built:
+                optimizer.build(model.trainable_variables)
+        return model
 
     def fit(self, hp, model, *args, **kwargs):
         name, builder = self._scoped(hp)

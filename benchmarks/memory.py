@@ -16,8 +16,9 @@ otherwise, TensorBoard logging included):
   file.
 
 Target: RSS grows by less than 10% from trial 5 to trial 30. The search draws models of
-different sizes, and the first trial with a model larger than any before raises the
-allocator's high-water mark once; a leak grows every trial. So the table also compares the
+different sizes, and the first trial with a model larger than any before raises memory
+once (TensorFlow's oneDNN kernels keep a block of that size; ``docs/scaling.md``); a leak
+grows every trial. So the table also compares the
 highest RSS of each window of ``--window`` trials, first window against last.
 
 Usage::

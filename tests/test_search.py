@@ -107,6 +107,24 @@ def test_threshold_free_objectives_have_no_warm_up(tmp_path, small_dataset_path)
     assert t["epochs"] == min(8, int(np.nanargmax(series)) + 2) and t["best_epoch"] == int(np.nanargmax(series)) + 1
 
 
+def test_hyperband_continues_trials_with_their_optimizer_state(tmp_path, small_dataset_path):
+    """A Hyperband round resumes a trial from its checkpoint: weights and optimizer moments
+    both load (Keras would skip the moments of an unbuilt optimizer, with a warning)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_search(_config(small_dataset_path, tuner="hyperband", epochs=3, image_size=16), tmp_path / "r")
+    run = Run(result.run_dir)
+    trials = run.trials()
+    continued = [t for t in trials if t["hyperparameters"].get("tuner/trial_id")]
+    assert continued and all(t["status"] == "COMPLETED" for t in trials)
+    ids = {t["trial_id"] for t in trials}
+    assert all(t["hyperparameters"]["tuner/trial_id"] in ids for t in continued)
+    skipped = [str(w.message) for w in caught if "Skipping variable loading" in str(w.message)]
+    assert not skipped, skipped
+
+
 def test_validation_is_patient_disjoint_from_fit(finished_run, small_dataset):
     run = Run(finished_run.run_dir)
     val_rows = run.load_preds(run.trials()[0]["trial_id"])["index"]

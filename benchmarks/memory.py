@@ -17,7 +17,7 @@ otherwise, TensorBoard logging included):
 
 Target: RSS grows by less than 10% from trial 5 to trial 30. The search draws models of
 different sizes, and the first trial with a model larger than any before raises memory
-once (TensorFlow's oneDNN kernels keep a block of that size; ``docs/scaling.md``); a leak
+once (the allocator of TensorFlow's oneDNN build keeps a larger region; ``docs/scaling.md``); a leak
 grows every trial. So the table also compares the
 highest RSS of each window of ``--window`` trials, first window against last.
 

@@ -17,9 +17,9 @@ otherwise, TensorBoard logging included):
 
 Target: RSS grows by less than 10% from trial 5 to trial 30. The search draws models of
 different sizes, and the first trial with a model larger than any before raises memory
-once (the allocator of TensorFlow's oneDNN build keeps a larger region; ``docs/scaling.md``); a leak
-grows every trial. So the table also compares the
-highest RSS of each window of ``--window`` trials, first window against last.
+once (the allocator of TensorFlow's oneDNN build keeps a larger region;
+``docs/scaling.md``); a leak grows every trial. So the table also compares the highest RSS
+of each window of ``--window`` trials, first window against last.
 
 Usage::
 

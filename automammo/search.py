@@ -580,7 +580,8 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"automammo": __version__, "python": platform.python_version()}
-    for pkg in ("tensorflow", "keras", "keras-tuner", "numpy", "scikit-learn", "scikit-image"):
+    for pkg in ("tensorflow", "keras", "keras-tuner", "numpy", "scikit-learn", "scikit-image",
+                "opencv-python-headless"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -34,6 +34,7 @@ def test_run_layout_and_records(finished_run):
     config = run.config()
     assert config["task"]["classes"] == ["benign", "malignant"]
     assert len(config["data_fingerprint"]) == 64 and "tensorflow" in config["versions"]
+    assert "opencv-python-headless" in config["versions"]  # it resamples augmented patches
     trials = run.trials()
     assert len(trials) == 2
     for t in trials:

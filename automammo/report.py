@@ -276,12 +276,16 @@ def _ensemble_predictions(source: Source, runs: list[Run], verified: bool = True
     return _recompute_ensemble_predictions(source, runs)
 
 
+def _threshold_rule(source: Source) -> ThresholdRule:
+    """The rule the bundle's threshold was chosen by, as its manifest records it."""
+    spec = source.manifest.get("threshold_rule") or {}
+    return ThresholdRule(source.objective, spec.get("min_sensitivity"))
+
+
 def _ensemble_from(source: Source, rows, y, oof, decisions, groups) -> Predictions:
     manifest, task = source.manifest, source.task
-    rule_spec = manifest.get("threshold_rule") or {}
     if source.positive is not None:
-        rule = ThresholdRule(source.objective, rule_spec.get("min_sensitivity"))
-        label = f"the bundle's threshold ({rule.describe()}, chosen on out-of-fold probabilities)"
+        label = f"the bundle's threshold ({_threshold_rule(source).describe()}, chosen on out-of-fold probabilities)"
     else:
         label = "argmax (multi-class task)"
     stored_cm = manifest["validation"].get("confusion_matrix", {}).get("counts")
@@ -325,10 +329,8 @@ def _recompute_ensemble_predictions(source: Source, runs: list[Run]) -> Predicti
     meta_name = manifest["meta_learner"]["name"]
     oof = out_of_fold(registry.get("meta-learner", meta_name), features, y, folds, task.n_classes,
                       int(validation["seed"]))
-    rule_spec = manifest.get("threshold_rule") or {}
     if positive is not None:
-        rule = ThresholdRule(source.objective, rule_spec.get("min_sensitivity"))
-        decisions, _ = cross_validated_decisions(y, oof[:, positive], folds, rule, positive)
+        decisions, _ = cross_validated_decisions(y, oof[:, positive], folds, _threshold_rule(source), positive)
     else:
         decisions = np.argmax(oof, axis=1)
     return _ensemble_from(source, rows, y, oof, decisions, groups)

@@ -279,7 +279,9 @@ def _make_tuner_class(base):
             name, own = builder_hyperparameters(trial.hyperparameters.values)
             pair = self.builders_by_name[name].inputs == "pair"
             seed = self.config.seed * 1000 + int(hashlib.md5(trial.trial_id.encode()).hexdigest(), 16) % 1000
-            extra = self._extra.setdefault(trial.trial_id, {"start": time.time(), "folds": []})
+            epochs = kwargs.get("epochs", self.config.epochs)
+            extra = self._extra.setdefault(trial.trial_id, {"start": time.time(), "folds": [], "epoch_indices": [],
+                                                            "warmup": self._warmup(epochs)})
             self.reporter.trial_begin(trial.trial_id, name, own)
             results = []
             # With --folds K the trial trains once per fold and Keras Tuner scores it by the
@@ -291,12 +293,10 @@ def _make_tuner_class(base):
                 # counts (a Hyperband round or a transfer fine-tuning phase starts late).
                 indices: list[int] = []
                 extra["folds"].append(history)
-                extra.setdefault("epoch_indices", []).append(indices)
-                epochs = kwargs.get("epochs", self.config.epochs)
-                extra.setdefault("warmups", []).append(self._warmup(epochs))
+                extra["epoch_indices"].append(indices)
                 fold_kwargs = dict(kwargs, data=fold.trial_data,
                                    callbacks=self._callbacks(trial.trial_id, fold, k, pair, history, indices, epochs))
-                results.append(self._fit_fold(trial, history, indices, extra["warmups"][-1], *args, **fold_kwargs))
+                results.append(self._fit_fold(trial, history, indices, extra["warmup"], *args, **fold_kwargs))
             return results
 
         def _fit_fold(self, trial, history, indices, warmup, *args, callbacks, **kwargs):
@@ -377,9 +377,9 @@ def _make_tuner_class(base):
         def _record(self, trial, extra) -> dict:
             name, own = builder_hyperparameters(trial.hyperparameters.values)
             folds = extra.get("folds") or [{}]
-            warmups = extra.get("warmups") or [0] * len(folds)
+            warmup = extra.get("warmup", 0)
             indices = extra.get("epoch_indices") or [[]] * len(folds)
-            per_fold = [self._best_epoch_metrics(h, w, i) for h, w, i in zip(folds, warmups, indices)]
+            per_fold = [self._best_epoch_metrics(h, warmup, i) for h, i in zip(folds, indices)]
             history = folds[0]
             best_epoch, _ = per_fold[0]
             series = history.get(f"val_{self.score_key}", [])

@@ -37,7 +37,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except AutomammoError as exc:
             if _debug(ctx):
-                raise
+                # The traceback too, and the same exit code: scripts see a bad input the same way.
+                import traceback
+
+                traceback.print_exc()
             raise UserError(str(exc)) from None
 
 
@@ -50,6 +53,15 @@ def console(stderr: bool = False):
     from rich.console import Console
 
     return Console(stderr=stderr, highlight=False)
+
+
+def esc(value) -> str:
+    """``value`` as text for a rich console: names, paths and messages from data files, runs
+    and plugins are shown as they are, never read as markup ("[a,b]" would vanish and
+    "[/x]" would raise)."""
+    from rich.markup import escape
+
+    return escape(str(value))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,10 +100,10 @@ def plugins(as_json):
         t.add_column("package", no_wrap=True)
         t.add_column("description")
         for r in sorted(table.values(), key=lambda r: r.name):
-            t.add_row(r.name, r.package, r.description)
+            t.add_row(esc(r.name), esc(r.package), esc(r.description))
         con.print(t)
     for f in failures:
-        console(stderr=True).print(f"[red]plugin failed to load[/red]: {f.package} ({f.where}): {f.error}")
+        console(stderr=True).print(f"[red]plugin failed to load[/red]: {esc(f'{f.package} ({f.where}): {f.error}')}")
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -133,7 +145,7 @@ def info(path, sheet, per_class):
 
     ds = load(path)
     con = console()
-    con.print(f"[bold]{path}[/bold]: {len(ds)} patches of {ds.image_shape[0]}x{ds.image_shape[1]} px, "
+    con.print(f"[bold]{esc(path)}[/bold]: {len(ds)} patches of {ds.image_shape[0]}x{ds.image_shape[1]} px, "
               f"{ds.x.dtype}, values {int(ds.x.min())}-{int(ds.x.max())}; "
               f"{int(np.sum(ds.pair >= 0) // 2)} lesion/baseline pairs; fingerprint {ds.fingerprint()[:12]}")
     splits = [s for s in ("train", "test") if np.any(ds.split == s)]
@@ -168,12 +180,12 @@ def info(path, sheet, per_class):
                       f"{int(sel.max())}")
     con.print(t)
     if ds.meta:
-        con.print("metadata: " + ", ".join(f"{k} ({v.dtype})" for k, v in sorted(ds.meta.items())))
+        con.print("metadata: " + esc(", ".join(f"{k} ({v.dtype})" for k, v in sorted(ds.meta.items()))))
     if sheet is not None:
         from automammo.sheet import contact_sheet
 
         contact_sheet(ds, sheet, per_class=per_class)
-        con.print(f"contact sheet: {sheet}")
+        con.print(f"contact sheet: {esc(sheet)}")
 
 
 # -- search ----------------------------------------------------------------------------------
@@ -201,17 +213,17 @@ class RichReporter:
 
     def search_begin(self, run_dir, total, config, done):
         self.objective = config.objective
-        self.con.print(f"run [bold]{run_dir}[/bold]: task {config.task}, objective {config.objective}, "
+        self.con.print(f"run [bold]{esc(run_dir)}[/bold]: task {config.task}, objective {config.objective}, "
                        f"tuner {config.tuner}, {total or 'hyperband'} trials x <= {config.epochs} epochs"
                        + (f" ({done} already done)" if done else ""))
         self.trials_task = self.progress.add_task("trials", total=total, completed=done)
         self.epoch_task = self.progress.add_task("epochs", total=config.epochs)
 
     def message(self, text):
-        self.con.print(f"[dim]{text}[/dim]")
+        self.con.print(f"[dim]{esc(text)}[/dim]")
 
     def trial_begin(self, trial_id, builder, hp):
-        self.progress.reset(self.epoch_task, description=f"trial {trial_id} {builder}")
+        self.progress.reset(self.epoch_task, description=esc(f"trial {trial_id} {builder}"))
 
     def epoch_end(self, epoch, epochs, logs):
         key = f"val_{self.objective}_best" if f"val_{self.objective}_best" in logs else f"val_{self.objective}"
@@ -225,11 +237,12 @@ class RichReporter:
         if record["status"] == "COMPLETED":
             score = record.get("score")
             label = record.get("score_key", self.objective).replace("_best", " (best threshold)")
-            msg = (f"trial {record['trial_id']} {record['builder']}: {label} "
-                   f"{score:.4f} in {record['epochs']} epochs, {record['seconds']:.0f} s" if score is not None
-                   else f"trial {record['trial_id']} {record['builder']}: no score")
+            msg = esc(f"trial {record['trial_id']} {record['builder']}: {label} "
+                      f"{score:.4f} in {record['epochs']} epochs, {record['seconds']:.0f} s" if score is not None
+                      else f"trial {record['trial_id']} {record['builder']}: no score")
         else:
-            msg = f"[red]trial {record['trial_id']} {record['builder']} failed[/red]: {record.get('error')}"
+            failed = f"trial {record['trial_id']} {record['builder']} failed"
+            msg = f"[red]{esc(failed)}[/red]: {esc(record.get('error'))}"
         self.con.print(msg)
         if best is not None:
             self.progress.update(self.trials_task, description=f"trials (best {self.objective} {best['score']:.4f})")
@@ -311,10 +324,10 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
                                 resume=resume, overwrite=overwrite, reporter=reporter)
     except KeyboardInterrupt:
         con.print(f"\n[yellow]interrupted[/yellow]: finished trials are kept; continue with\n"
-                  f"  automammo search --run {run_dir} --resume")
+                  f"  automammo search --run {esc(run_dir)} --resume")
         sys.exit(130)
     if result.stopped:
-        con.print(f"[red]{result.stopped}[/red]")
+        con.print(f"[red]{esc(result.stopped)}[/red]")
     best = result.best
     done = sum(t["status"] == "COMPLETED" for t in result.trials)
     con.print(f"{done}/{len(result.trials)} trials completed in {time.time() - started:.0f} s")
@@ -322,9 +335,9 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(best["metrics"].items())
                             if v is not None and not k.endswith("_threshold") and not k.endswith("_best"))
         label = best.get("score_key", best["objective"]).replace("_best", " at its best threshold")
-        con.print(f"[bold green]best[/bold green] trial {best['trial_id']} ({best['builder']}): "
-                  f"{label} {best['score']:.4f} on validation; at 0.5: {metrics}")
-        con.print(f"model: {Path(result.run_dir) / 'best.keras'}")
+        con.print("[bold green]best[/bold green] " + esc(f"trial {best['trial_id']} ({best['builder']}): "
+                                                        f"{label} {best['score']:.4f} on validation; at 0.5: {metrics}"))
+        con.print(f"model: {esc(Path(result.run_dir) / 'best.keras')}")
     if ensemble and best:
         from automammo.ensemble import ensemble_and_export
 
@@ -334,16 +347,17 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
                                        seed=seed, reporter=_EnsembleMessages(con))
         except AutomammoError as exc:
             # The search itself succeeded; its run stays usable with `automammo ensemble`.
-            con.print(f"[yellow]no bundle[/yellow]: {exc}")
+            con.print(f"[yellow]no bundle[/yellow]: {esc(exc)}")
             sys.exit(1 if result.stopped else 0)
         threshold = "" if made.threshold is None else f", threshold {made.threshold:.3f}"
-        con.print(f"[bold green]bundle[/bold green] {made.bundle}: {len(made.manifest['members'])} members, "
-                  f"meta-learner {made.meta}{threshold}; cross-validated {made.manifest['validation']['score']['name']} "
-                  f"{_fmt(made.score)} (best single member {_fmt(made.best_member.get('score'))})")
+        con.print("[bold green]bundle[/bold green] "
+                  + esc(f"{made.bundle}: {len(made.manifest['members'])} members, meta-learner {made.meta}{threshold}; "
+                        f"cross-validated {made.manifest['validation']['score']['name']} {_fmt(made.score)} "
+                        f"(best single member {_fmt(made.best_member.get('score'))})"))
         from automammo.runs import Run
 
         data_used = Run(result.run_dir).config().get("data", "DATA")
-        con.print(f"next: automammo report {result.run_dir}\n      automammo evaluate {made.bundle} --data {data_used}")
+        con.print(esc(f"next: automammo report {result.run_dir}\n      automammo evaluate {made.bundle} --data {data_used}"))
     if result.stopped:
         sys.exit(1)
 
@@ -378,7 +392,7 @@ class _EnsembleMessages:
         self.con = con
 
     def message(self, text):
-        self.con.print(f"[dim]{text}[/dim]")
+        self.con.print(f"[dim]{esc(text)}[/dim]")
 
 
 def _mount_commands():

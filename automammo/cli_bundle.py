@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from automammo.cli import console
+from automammo.cli import console, esc
 from automammo.render import confusion_table, metrics_table
 
 
@@ -24,7 +24,7 @@ class _Messages:
         self.con = con
 
     def message(self, text: str) -> None:
-        self.con.print(f"[dim]{text}[/dim]")
+        self.con.print(f"[dim]{esc(text)}[/dim]")
 
 
 @click.command()
@@ -60,17 +60,19 @@ def ensemble(runs, meta, top, diverse, features, objective, min_sensitivity, dat
     score_name = val["score"]["name"]
     t = Table(title=f"meta-learners: cross-validated {score_name} on {val['n']} validation rows, "
                     f"{val['folds']} patient-grouped folds", title_justify="left")
-    for col in ("meta-learner", score_name, "sensitivity", "specificity", "note"):
+    # With --min-sensitivity the score is the specificity: one column for it.
+    scores = [k for k in ("score", "sensitivity", "specificity") if k == "score" or k != score_name]
+    for col in ("meta-learner", *[score_name if k == "score" else k for k in scores], "note"):
         t.add_column(col, justify="left" if col in ("meta-learner", "note") else "right")
     for name, a in result.assessments.items():
-        cells = [_f(a.get("score")), _f(a.get("sensitivity")), _f(a.get("specificity"))]
-        t.add_row(name + (" *" if name == result.meta else ""), *cells, a.get("error") or "")
+        cells = [_f(a.get(k)) for k in scores]
+        t.add_row(esc(name + (" *" if name == result.meta else "")), *cells, esc(a.get("error") or ""))
     con.print(t)
     m = Table(title="members", title_justify="left")
     for col in ("member", "builder", "inputs", f"{manifest['objective']['name']} (val, t=0.5)"):
         m.add_column(col)
     for spec in manifest["members"]:
-        m.add_row(f"{Path(spec['run']).name}/{spec['trial_id']}", spec["builder"], spec["inputs"],
+        m.add_row(esc(f"{Path(spec['run']).name}/{spec['trial_id']}"), esc(spec["builder"]), esc(spec["inputs"]),
                   _f(spec["validation"]["score"]))
     con.print(m)
     con.print(metrics_table(val, "Validation metrics of the ensemble (out-of-fold, cross-validated threshold)"))
@@ -79,10 +81,10 @@ def ensemble(runs, meta, top, diverse, features, objective, min_sensitivity, dat
         why = (f"highest specificity with sensitivity >= {rule['min_sensitivity']:g}"
                if rule["rule"] == "min_sensitivity" else f"{rule['rule']} {rule.get('objective') or ''}".strip())
         positive = manifest["task"]["classes"][manifest["task"]["positive"]]
-        con.print(f"threshold [bold]{result.threshold:.4f}[/bold] on p({positive}) ({why})")
-    con.print(f"best single member {result.best_member['member']}: {score_name} {_f(result.best_member['score'])}; "
-              f"ensemble ({result.meta}): {_f(result.score)}")
-    con.print(f"[bold green]bundle[/bold green] {result.bundle}")
+        con.print(f"threshold [bold]{result.threshold:.4f}[/bold] on {esc(f'p({positive}) ({why})')}")
+    con.print(esc(f"best single member {result.best_member['member']}: {score_name} {_f(result.best_member['score'])}; "
+                  f"ensemble ({result.meta}): {_f(result.score)}"))
+    con.print(f"[bold green]bundle[/bold green] {esc(result.bundle)}")
 
 
 @click.command()
@@ -125,20 +127,20 @@ def predict(bundle, inputs, baselines, out, batch_size):
                 writer.writerows(rows)
     con = console()
     shown = 50
-    t = Table(title=f"{len(rows)} predictions of {b.path.name}"
-                    + (f" (threshold {b.threshold:.4f} on p({b.classes[b.positive]}))" if b.threshold is not None else ""),
-              title_justify="left")
+    title = f"{len(rows)} predictions of {b.path.name}" + (
+        f" (threshold {b.threshold:.4f} on p({b.classes[b.positive]}))" if b.threshold is not None else "")
+    t = Table(title=esc(title), title_justify="left")
     columns = ["input", *([c for c in items.columns if c != "split"]), *header[-2 - len(b.classes):-1]]
     for col in columns:
         t.add_column(col, justify="right" if col.startswith("p_") else "left", overflow="fold")
     index = {h: i for i, h in enumerate(header)}
     for row in rows[:shown]:
-        t.add_row(*[row[index[c]] for c in columns])
+        t.add_row(*[esc(row[index[c]]) for c in columns])
     con.print(t)
     if len(rows) > shown:
-        con.print(f"... {len(rows) - shown} more" + (f" in {out}" if out else "; use --out FILE for all"))
+        con.print(esc(f"... {len(rows) - shown} more" + (f" in {out}" if out else "; use --out FILE for all")))
     counts = {c: int((decided == i).sum()) for i, c in enumerate(b.classes)}
-    con.print("decisions: " + ", ".join(f"{c} {n}" for c, n in counts.items()) + (f"; written to {out}" if out else ""))
+    con.print(esc("decisions: " + ", ".join(f"{c} {n}" for c, n in counts.items()) + (f"; written to {out}" if out else "")))
 
 
 def _warn_bit_depth(b, items) -> None:
@@ -171,7 +173,7 @@ def evaluate(bundle, data_path, replicates, seed, as_json):
     con = console()
     origin = ("the dataset the bundle was built on; its test split was used by no stage before"
               if report["same_data"] else "a dataset the bundle was not built on (external test)")
-    con.print(f"[bold]{report['bundle']}[/bold] on the test split of {report['data']}: "
+    con.print(f"[bold]{esc(report['bundle'])}[/bold] on the test split of {esc(report['data'])}: "
               f"{report['n']} samples of {report['n_patients']} patients, task {report['task']}"
               + (f", threshold {report['threshold']:.4f}" if report["threshold"] is not None else ""))
     con.print(f"[dim]{origin}[/dim]")
@@ -180,7 +182,7 @@ def evaluate(bundle, data_path, replicates, seed, as_json):
     for name, m in report["metrics"].items():
         if " called " in name:
             value, ci = format_metric(m, integer=True)
-            con.print(f"[bold]{name}[/bold]: {value} of {m['n']} (95% CI {ci})")
+            con.print(f"[bold]{esc(name)}[/bold]: {value} of {m['n']} (95% CI {ci})")
 
 
 def _f(v) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from automammo.cli import console
+from automammo.cli import console, esc
 
 
 @click.command()
@@ -68,7 +68,7 @@ def validate(path, trial_id, repeats, folds, epochs, seed, data_path, as_json):
     err = console(stderr=True)
 
     def progress(text: str) -> None:
-        err.print(f"[dim]{text}[/dim]")
+        err.print(f"[dim]{esc(text)}[/dim]")
 
     result = run_validation(path, trial_id=trial_id, repeats=repeats, folds=folds, epochs=epochs, seed=seed,
                             data=data_path, progress=progress)

@@ -338,7 +338,7 @@ def ensemble_and_export(run_dirs, out, meta: str | None = None, top: int = 5, di
     positive = task.positive if task.binary else None
     ranked = rank_candidates(candidates, rows, y, obj, positive)
     chosen = select_members(ranked, top, diverse)
-    reporter.message(f"{len(chosen)} members of {len(candidates)} finished trials; "
+    reporter.message(f"{len(chosen)} members of the {len(candidates)} finished trials with a kept model; "
                      f"{len(rows)} stacking rows of {len(np.unique(groups))} patients (validation, never fitted on)")
 
     models = [load_member_model(c.run.model_path(c.trial_id), c.key) for c, _ in chosen]

@@ -43,7 +43,8 @@ class PredictInputs:
         return len(self.images)
 
     def add(self, name: str, image: np.ndarray, baseline: np.ndarray | None = None, **columns: str) -> None:
-        for key in set(self.columns) | set(columns):
+        # Columns in the order they first appear: the CSV's order does not vary between runs.
+        for key in [*self.columns, *(k for k in columns if k not in self.columns)]:
             self.columns.setdefault(key, [""] * len(self.names)).append(str(columns.get(key, "")))
         self.names.append(name)
         self.images.append(image)
@@ -137,7 +138,7 @@ def read_inputs(paths, baselines=(), task: Task | None = None, need_baseline: bo
                 if need_baseline and b is None:
                     raise DataError(f"{path}: row {r} has no baseline partner (pair == -1), which this bundle needs")
                 truth = task.classes[y[r]] if task is not None else str(ds.label[r])
-                out.add(f"{path}#{r}", ds.x[r], b, patient=ds.patient[r], split=ds.split[r], true_class=truth)
+                out.add(f"{path}#{r}", ds.x[r], b, split=ds.split[r], patient=ds.patient[r], true_class=truth)
         else:
             image = read_image(path)
             b = read_image(next(partner)) if baselines else None

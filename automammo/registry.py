@@ -113,12 +113,16 @@ class _PluginHost:
     def table(self, kind: str) -> dict[str, Registered]:
         hook = getattr(self.pm.hook, KINDS[kind])
         found: dict[str, Registered] = {}
+        impls = hook.get_hookimpls()
         # Call each implementation on its own so that one broken plugin is reported and
-        # skipped, and every result keeps the package it came from.
-        for impl in reversed(hook.get_hookimpls()):
+        # skipped, and every result keeps the package it came from; through a pluggy
+        # caller, so that AUTOMAMMO_TRACE_HOOKS sees the call.
+        for impl in reversed(impls):
             package = self.packages.get(impl.plugin_name, impl.plugin_name)
+            others = [other.plugin for other in impls if other is not impl]
             try:
-                items = impl.function() or []
+                results = self.pm.subset_hook_caller(KINDS[kind], remove_plugins=others)()
+                items = (results[0] if results else None) or []
             except Exception as exc:  # noqa: BLE001
                 self._fail(package, f"{impl.plugin_name}.{KINDS[kind]}", exc)
                 continue

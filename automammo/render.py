@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from automammo.evaluation import format_metric
 
@@ -59,9 +61,12 @@ class _Section:
     def __getattr__(self, name):
         return getattr(self.table, name)
 
-    def __rich_console__(self, console, options):
-        from rich.text import Text
+    def add_row(self, *cells, **kwargs) -> None:
+        # Cells hold names, paths and messages from runs, plugins and data files: shown as
+        # they are, never read as rich markup ("[a,b]" would vanish, "[/x]" would raise).
+        self.table.add_row(*[Text(c) if isinstance(c, str) else c for c in cells], **kwargs)
 
+    def __rich_console__(self, console, options):
         yield Text(self.title, style="bold")
         yield self.table
         if self.caption:
@@ -96,19 +101,19 @@ def render_report(report: dict, con: Console) -> None:
     if report["kind"] == "run":
         _tensorboard(report, con)
     for w in report.get("warnings", []):
-        con.print(f"[yellow]note[/yellow]: {w}")
+        con.print(f"[yellow]note[/yellow]: {escape(w)}")
 
 
 def _header(report: dict, con: Console) -> None:
     task, obj = report["task"], report["objective"]
-    con.print(f"[bold]{report['kind']} {report['path']}[/bold]")
+    con.print(f"[bold]{report['kind']} {escape(str(report['path']))}[/bold]")
     positive = f", positive class {task['positive']}" if task["positive"] else ""
-    con.print(f"task {task['name']} ({' / '.join(task['classes'])}{positive})")
-    con.print(f"objective {obj['name']} ({'higher' if obj['direction'] == 'max' else 'lower'} is better): "
-              f"{obj['description']}")
+    con.print(escape(f"task {task['name']} ({' / '.join(task['classes'])}{positive})"))
+    con.print(escape(f"objective {obj['name']} ({'higher' if obj['direction'] == 'max' else 'lower'} is better): "
+                     f"{obj['description']}"))
     status = report["status"]
     colour = {"finished": "green", "in progress": "yellow", "stopped": "red"}.get(status["state"], "cyan")
-    con.print(f"status [{colour}]{status['state']}[/{colour}]: {status['message']}")
+    con.print(f"status [{colour}]{status['state']}[/{colour}]: {escape(str(status['message']))}")
     search = report.get("search")
     if search:
         split = search.get("split") or {}
@@ -117,21 +122,24 @@ def _header(report: dict, con: Console) -> None:
                   f"{split.get('fit', '?')} fit / {split.get('validation', '?')} validation samples"
                   + (f" in fold 1 of {search['folds']}, each trial scored by the mean over the folds"
                      if (search.get("folds") or 1) > 1 else "")
-                  + f"; data {search.get('data') or 'the built-in phantom'}")
+                  + f"; data {escape(str(search.get('data') or 'the built-in phantom'))}")
     con.print()
 
 
 def _leaderboard(report: dict, con: Console) -> None:
-    board, obj = report["leaderboard"], report["objective"]["name"]
+    board = report["leaderboard"]
     if not board["rows"]:
         con.print("[yellow]no trial has finished yet[/yellow]\n")
         return
+    obj = _score_label(report)
     folds = max((row.get("folds") or 1) for row in board["rows"])
     caption = "validation scores at each trial's best epoch; epochs = best/ran"
+    if obj != report["objective"]["name"]:
+        caption += f"; {obj}: at each trial's own best threshold"
     if folds > 1:
         caption += f"; scores are means over {folds} patient-grouped folds, sd their spread (n - 1)"
     t = _table(f"Leaderboard: {board['shown']} of {board['completed']} completed trials, best first", caption)
-    auc = obj != "auc"  # the objective column already is the AUC
+    auc = report["objective"]["name"] != "auc"  # the objective column already is the AUC
     for name, justify in (("#", "right"), ("trial", "left"), ("builder", "left"), (obj, "right"), ("sd", "right"),
                           ("AUC", "right"), ("epochs", "right"), ("seconds", "right"), ("status", "left")):
         if (name != "AUC" or auc) and (name != "sd" or folds > 1):
@@ -141,18 +149,26 @@ def _leaderboard(report: dict, con: Console) -> None:
         status = "ok" if row["status"] == "COMPLETED" else str(row["status"]).lower()
         if row["status"] != "COMPLETED":
             failures.append(row)
-            status = f"[red]{status} ({len(failures)})[/red]"
+            status = Text(f"{status} ({len(failures)})", style="red")
         epochs = f"{fmt(row['best_epoch'])}/{fmt(row['epochs'])}" if row["epochs"] else "-"
         t.add_row(fmt(row["rank"]), str(row["trial_id"]), str(row["builder"]), fmt(row["score"]),
                   *([fmt(row.get("fold_sd"))] if folds > 1 else []), *([fmt(row["auc"])] if auc else []),
                   epochs, fmt(row["seconds"], 0), status)
     con.print(t)
     for i, row in enumerate(failures, 1):
-        con.print(f"  ({i}) trial {row['trial_id']} ({row['builder']}): {row['error'] or 'no reason recorded'}")
+        con.print(escape(f"  ({i}) trial {row['trial_id']} ({row['builder']}): {row['error'] or 'no reason recorded'}"))
     if failures:
         con.print()
     _hyperparameter_tables(board["rows"], board["varying"], board["constant"], con,
                            lambda row: f"#{row['rank']}" if row["rank"] else f"t{row['trial_id']}")
+
+
+def _score_label(report: dict) -> str:
+    """The objective column's name: ``f2 (best t)`` when the search scored a thresholded
+    objective at each trial's best threshold, as the leaderboard's scores then are."""
+    obj = report["objective"]["name"]
+    key = (report.get("leaderboard") or {}).get("score_key")
+    return f"{obj} (best t)" if key and key != obj and key.endswith("_best") else obj
 
 
 def _hyperparameter_tables(rows, varying, constant, con: Console, label, noun: str = "trial") -> None:
@@ -183,16 +199,16 @@ def _hyperparameter_tables(rows, varying, constant, con: Console, label, noun: s
             start = stop
     if constant:
         same = ", ".join(f"{k} {fmt_hp(v)}" for k, v in constant.items())
-        con.print(f"[dim]same in every {noun}: {same}[/dim]\n")
+        con.print(f"[dim]same in every {noun}: {escape(same)}[/dim]\n")
 
 
 def _best_per_builder(report: dict, con: Console) -> None:
     rows = report["best_per_builder"]
     if not rows:
         return
-    obj = report["objective"]["name"]
+    obj = _score_label(report)
     t = _table("Best trial of each builder")
-    auc = obj != "auc"
+    auc = report["objective"]["name"] != "auc"
     for name, justify in (("builder", "left"), ("trials", "right"), ("failed", "right"), ("best trial", "left"),
                           (obj, "right"), ("AUC", "right")):
         if name != "AUC" or auc:
@@ -234,7 +250,7 @@ def _progress(report: dict, con: Console) -> None:
             marks.append(f"trial {s['n']} ({s['trial_id']}): {fmt(s['best'])}")
             last = s["best"]
     if marks:
-        con.print("  improved at " + "; ".join(marks), overflow="fold")
+        con.print(escape("  improved at " + "; ".join(marks)), overflow="fold")
     con.print()
 
 
@@ -254,28 +270,30 @@ def _ensemble(report: dict, con: Console) -> None:
     score_name = (e.get("score") or {}).get("name", obj)
     t = _table(f"Meta-learner: {meta['name']}", f"{meta.get('selection') or ''}; cross-validated "
                f"{score_name} over {e.get('folds')} patient-grouped folds")
-    for name in ("candidate", score_name, "sensitivity", "specificity", "note"):
+    # With --min-sensitivity the score is the specificity: one column for it.
+    scores = [k for k in ("score", "sensitivity", "specificity") if k == "score" or k != score_name]
+    for name in ("candidate", *[score_name if k == "score" else k for k in scores], "note"):
         t.add_column(name, justify="left" if name in ("candidate", "note") else "right")
     for c in meta["candidates"]:
-        t.add_row(c["name"] + (" *" if c["name"] == meta["name"] else ""), fmt(c["score"]),
-                  fmt(c["sensitivity"]), fmt(c["specificity"]), c["error"] or "")
+        t.add_row(c["name"] + (" *" if c["name"] == meta["name"] else ""), *[fmt(c[k]) for k in scores],
+                  c["error"] or "")
     con.print(t)
     best_member = e.get("best_member") or {}
-    con.print(f"ensemble {score_name} {fmt((e.get('score') or {}).get('value'))}, best single member "
-              f"{best_member.get('member', '-')} {fmt(best_member.get('score'))} (judged the same way)")
+    con.print(escape(f"ensemble {score_name} {fmt((e.get('score') or {}).get('value'))}, best single member "
+                     f"{best_member.get('member', '-')} {fmt(best_member.get('score'))} (judged the same way)"))
     if e["threshold"] is not None:
-        con.print(f"threshold [bold]{e['threshold']:.4f}[/bold] on p({report['task']['positive']}): "
-                  f"{e['threshold_rule']}")
+        con.print(f"threshold [bold]{e['threshold']:.4f}[/bold] on "
+                  + escape(f"p({report['task']['positive']}): {e['threshold_rule']}"))
     con.print()
 
 
 def _evaluated(report: dict, con: Console) -> None:
     ev = report["evaluated"]
     counts = ", ".join(f"{n} {c}" for c, n in ev["n_per_class"].items())
-    con.print(f"[bold]Evaluated[/bold]: {ev['subject']} on {ev['n']} samples ({counts})")
-    con.print(f"[dim]{ev['data']}[/dim]")
+    con.print("[bold]Evaluated[/bold]: " + escape(f"{ev['subject']} on {ev['n']} samples ({counts})"))
+    con.print(f"[dim]{escape(str(ev['data']))}[/dim]")
     if ev["threshold"] is not None:
-        con.print(f"decision threshold {ev['threshold']:.4f}: {ev['threshold_label']}")
+        con.print(escape(f"decision threshold {ev['threshold']:.4f}: {ev['threshold_label']}"))
     if ev.get("optimum") is not None:
         con.print(f"[dim]the {report['objective']['name']} optimum on these same predictions is at "
                   f"{ev['optimum']:.2f} (optimistic: chosen on the data it is scored on)[/dim]")
@@ -360,19 +378,20 @@ def _tensorboard(report: dict, con: Console) -> None:
         con.print(f"[bold]TensorBoard[/bold]: {len(tb['trials_with_logs'])} trials logged "
                   "(per-epoch curves and the HPARAMS table):")
         # Soft-wrapped so that a long path stays one line to copy.
-        con.print(f"  {tb['command']}", soft_wrap=True)
+        con.print(escape(f"  {tb['command']}"), soft_wrap=True)
     elif not tb["enabled"]:
         con.print("[dim]TensorBoard: this run was searched with --no-tensorboard[/dim]")
     else:
-        con.print(f"[dim]TensorBoard: no logs in {tb['logdir']} yet[/dim]")
+        con.print(f"[dim]TensorBoard: no logs in {escape(str(tb['logdir']))} yet[/dim]")
 
 
 def render_plots(plots: dict, con: Console) -> None:
     """The list of PNGs written by ``automammo.plots.write_plots`` and those skipped."""
     for p in plots["written"]:
-        con.print(f"[green]wrote[/green] {p['file']}: {p['title']}")
+        con.print("[green]wrote[/green] " + escape(f"{p['file']}: {p['title']}"))
     for p in plots["skipped"]:
-        con.print(f"[dim]skipped {p['plot']}: {p['reason']}[/dim]")
+        skipped = f"skipped {p['plot']}: {p['reason']}"
+        con.print(f"[dim]{escape(skipped)}[/dim]")
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -381,10 +400,10 @@ def render_plots(plots: dict, con: Console) -> None:
 def render_validation(result: dict, con: Console) -> None:
     """Print a validation (``automammo.validate.validate``): mean +- sd of every objective."""
     d = result["design"]
-    con.print(f"[bold]{result['kind']} {result['path']}[/bold]: task {result['task']['name']}, "
+    con.print(f"[bold]{result['kind']} {escape(str(result['path']))}[/bold]: task {result['task']['name']}, "
               f"objective {result['objective']['name']}")
-    con.print(d["description"])
-    con.print(f"[dim]{d['note']}[/dim]\n")
+    con.print(escape(d["description"]))
+    con.print(f"[dim]{escape(d['note'])}[/dim]\n")
     for model in result["models"]:
         _validation_model(model, result["objective"]["name"], con)
 

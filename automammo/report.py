@@ -9,9 +9,10 @@ same thing; ``automammo.plots`` draws its figures from the same ``Source``.
 Which predictions a report shows, and why:
 
 - **run**: the best trial's stored validation predictions (``preds/<trial>.npz``, the
-  restored best epoch), decided at 0.5, the threshold the search scores trials at. The
-  optimum threshold on those same predictions is shown too, marked as optimistic: it was
-  chosen on the data it is scored on.
+  restored best epoch), decided at 0.5, the threshold of the metrics the search records. A
+  thresholded objective on a binary task is scored by the search at each trial's best
+  threshold instead (``f2_best``); that threshold is the optimum shown beside 0.5, marked
+  as optimistic: it was chosen on the data it is scored on.
 - **bundle**: the ensemble's out-of-fold probabilities on the stacking rows and its
   cross-validated decisions (``docs/ensembles.md``), stored in the bundle (``oof.npz``)
   beside the metrics and confusion matrix the manifest computed from them, so a bundle
@@ -199,9 +200,17 @@ def _trial_predictions(source: Source, record: dict) -> Predictions:
         rows=rows, y_true=y_true, y_prob=y_prob,
         decisions=predict_classes(y_prob, positive, 0.5),
         threshold=0.5 if positive is not None else None,
-        threshold_label="0.5, the threshold the search scores trials at",
+        threshold_label=_run_threshold_label(record, source.objective.name, optimum),
         optimum=optimum, groups=groups,
     )
+
+
+def _run_threshold_label(record: dict, objective: str, optimum) -> str:
+    """Why a run's best trial is shown decided at 0.5, and what its score used instead."""
+    if str(record.get("score_key") or "").endswith("_best") and optimum is not None:
+        return (f"0.5, the threshold of the metrics the search records; it scored {objective} "
+                f"at the trial's best threshold, {optimum:.2f} (the optimum below)")
+    return "0.5, the threshold of the metrics the search records"
 
 
 def _open_bundle(path: Path, data) -> Source:
@@ -518,8 +527,9 @@ def leaderboard(records: list[dict], top: int) -> dict:
         }
 
     rows = [row(r, i + 1) for i, r in enumerate(scored[:top])] + [row(r, None) for r in unscored]
+    score_key = next((r.get("score_key") for r in records if r.get("score_key")), None)
     return {"rows": rows, "varying": varying, "constant": constant, "completed": len(scored),
-            "shown": min(top, len(scored)), "total": len(records)}
+            "shown": min(top, len(scored)), "total": len(records), "score_key": score_key}
 
 
 def best_per_builder(records: list[dict], direction: str) -> list[dict]:

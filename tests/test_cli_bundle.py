@@ -72,7 +72,9 @@ def test_predict_on_png_dicom_and_dataset(shared, lesions, tmp_path):
     table = read_csv(out)
     lesion_rows = np.flatnonzero(ds.label > 0)
     assert len(table) == 2 + len(lesion_rows)
-    assert list(table[0])[:1] == ["input"] and {"p_benign", "p_malignant", "decision", "threshold"} <= set(table[0])
+    # The columns docs/bundles.md lists, in its order.
+    assert list(table[0]) == ["input", "split", "patient", "true_class", "p_benign", "p_malignant", "decision",
+                              "threshold"]
     b = Bundle.load(bundle)
     expected = b.predict_proba(ds.x[[rows[0], rows[1], *lesion_rows]])
     got = np.array([[float(r["p_benign"]), float(r["p_malignant"])] for r in table])
@@ -155,3 +157,13 @@ def test_evaluate_needs_a_test_split(shared, tmp_path):
     Dataset.create(ds.x, ds.label, ds.pair, ds.patient, np.full(len(ds), "train")).save(tmp_path / "train.npz")
     result = invoke("evaluate", shared[2], "--data", tmp_path / "train.npz")
     assert result.exit_code == 2 and "no test samples" in result.output
+
+
+def test_ensemble_by_minimum_sensitivity_shows_specificity_once(shared, tmp_path):
+    result = invoke("ensemble", shared[0], "--meta", "logistic", "--top", "2", "--folds", "3",
+                    "--min-sensitivity", "0.9", "--out", tmp_path / "screen")
+    assert result.exit_code == 0, result.output
+    # The score is the specificity then: one column for it, beside the sensitivity.
+    header = next(line for line in result.output.splitlines() if "meta-learner" in line and "┃" in line)
+    assert header.count("specificity") == 1 and header.count("sensitivity") == 1, header
+    assert "highest specificity with sensitivity >= 0.9" in result.output

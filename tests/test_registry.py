@@ -49,16 +49,17 @@ def _fake_entry_point(monkeypatch, name, module_name, dist="thirdparty-pkg"):
     monkeypatch.setattr(registry, "_entry_points", lambda: [ep])
 
 
+def _objective_plugin(monkeypatch, module_name, register, dist="thirdparty-pkg"):
+    """A third-party package whose entry point is a module implementing the objectives hook."""
+    mod = types.ModuleType(module_name)
+    mod.automammo_register_objectives = hookimpl(register)
+    monkeypatch.setitem(sys.modules, module_name, mod)
+    _fake_entry_point(monkeypatch, module_name.split("_")[0], module_name, dist=dist)
+
+
 def test_duplicate_name_names_both_sources(fresh_host, monkeypatch):
-    mod = types.ModuleType("dup_objective_plugin")
-
-    @hookimpl
-    def automammo_register_objectives():
-        return [Objective("auc", "max", lambda *a: 0.0, "a second auc")]
-
-    mod.automammo_register_objectives = automammo_register_objectives
-    monkeypatch.setitem(sys.modules, "dup_objective_plugin", mod)
-    _fake_entry_point(monkeypatch, "dup", "dup_objective_plugin")
+    _objective_plugin(monkeypatch, "dup_objective_plugin",
+                      lambda: [Objective("auc", "max", lambda *a: 0.0, "a second auc")])
     with pytest.raises(PluginError) as err:
         registry.objectives()
     msg = str(err.value)
@@ -82,15 +83,10 @@ def test_broken_plugin_is_reported_and_the_rest_work(fresh_host, monkeypatch):
 
 
 def test_hook_that_raises_is_reported(fresh_host, monkeypatch):
-    mod = types.ModuleType("raising_plugin")
-
-    @hookimpl
     def automammo_register_objectives():
         raise RuntimeError("boom in hook")
 
-    mod.automammo_register_objectives = automammo_register_objectives
-    monkeypatch.setitem(sys.modules, "raising_plugin", mod)
-    _fake_entry_point(monkeypatch, "raiser", "raising_plugin", dist="raiser-pkg")
+    _objective_plugin(monkeypatch, "raising_plugin", automammo_register_objectives, dist="raiser-pkg")
     assert "f2" in registry.objectives()
     assert any(f.package == "raiser-pkg" and "boom in hook" in f.error for f in registry.load_failures())
 
@@ -101,3 +97,22 @@ def test_plugins_command_lists_builders_and_objectives(fresh_host):
     for name in ("scratch_cnn", "f2", "auc", "accuracy", "loss"):
         assert name in result.output
     assert "automammo" in result.output
+
+
+def test_trace_hooks_prints_every_hook_call(fresh_host, monkeypatch, capsys):
+    monkeypatch.setenv("AUTOMAMMO_TRACE_HOOKS", "1")
+    assert "f2" in registry.objectives()
+    err = capsys.readouterr().err
+    # pluggy's trace: one call and one result per implementing plugin.
+    impls = registry.get_plugin_manager().hook.automammo_register_objectives.get_hookimpls()
+    assert err.count("automammo_register_objectives [hook]") == len(impls) >= 1
+    assert err.count("finish automammo_register_objectives -->") == len(impls)
+    assert "name='f2'" in err
+
+
+def test_plugin_texts_are_shown_as_written_not_as_markup(fresh_host, monkeypatch):
+    _objective_plugin(monkeypatch, "bracket_plugin",
+                      lambda: [Objective("bracketed", "max", lambda *a: 0.0, "mean of [a,b,a-b,a*b] per [/x] row")])
+    result = CliRunner().invoke(cli, ["plugins"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "mean of [a,b,a-b,a*b] per [/x] row" in result.output

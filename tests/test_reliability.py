@@ -133,4 +133,7 @@ def test_debug_shows_the_real_exception(tmp_path):
     from automammo.errors import UnknownNameError
 
     result = CliRunner().invoke(cli, ["--debug", "search", "--task", "nope", "--run", str(tmp_path / "r")])
-    assert isinstance(result.exception, UnknownNameError)
+    # The traceback of the real exception, and still the exit code of a bad input.
+    assert result.exit_code == 2
+    assert "Traceback (most recent call last)" in result.output
+    assert f"{UnknownNameError.__module__}.{UnknownNameError.__name__}: unknown task 'nope'" in result.output

@@ -92,6 +92,12 @@ def test_finished_run_report_ranks_trials_and_names_what_differs(run_dir):
         assert m["n"] > 0 and (m["low"] is None or m["low"] <= m["value"] <= m["high"])
     assert report["thresholds"]["at"]["chosen"]["threshold"] == 0.5
     assert len(report["thresholds"]["grid"]) == len(report["thresholds"]["sensitivity"]) == 99
+    # The search scored f2 at each trial's own best threshold: the report says so, and
+    # names that threshold, instead of calling 0.5 the threshold trials were scored at.
+    assert {t["score_key"] for t in trials} == {"f2_best"} and report["leaderboard"]["score_key"] == "f2_best"
+    optimum = by_id[rows[0]["trial_id"]]["metrics"]["f2_threshold"]
+    assert report["evaluated"]["optimum"] == optimum
+    assert f"scored f2 at the trial's best threshold, {optimum:.2f}" in report["evaluated"]["threshold_label"]
 
     text = rendered(report)
     assert_fits(text)
@@ -113,7 +119,7 @@ def test_failed_trials_are_listed_with_their_reason(run_dir, tmp_path):
     failed = {"trial_id": "9", "status": "FAILED", "builder": "scratch_cnn", "objective": "f2", "direction": "max",
               "hyperparameters": {"conv_blocks": 9}, "score": None, "metrics": {}, "epochs": 0, "best_epoch": None,
               "history": {}, "seconds": 0.4, "model": None,
-              "error": "ValueError: conv_blocks=9 leaves no pixel to pool",
+              "error": "ValueError: conv_blocks=9 leaves no pixel to pool [b,h,w] [/2]",
               "traceback": "Traceback...\nValueError: conv_blocks=9 leaves no pixel to pool"}
     with open(copy / "trials.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(failed) + "\n")
@@ -128,6 +134,9 @@ def test_failed_trials_are_listed_with_their_reason(run_dir, tmp_path):
     text = rendered(report)
     assert_fits(text)
     assert "failed (1)" in text and "trial 9 (scratch_cnn): ValueError: conv_blocks=9 leaves no pixel" in text
+    # Shown as recorded: brackets in a message are not rich markup ("[/2]" would raise).
+    assert "[b,h,w] [/2]" in text
+    assert "f2 (best t)" in text and "f2 (best t): at each trial's own best threshold" in " ".join(text.split())
 
 
 def test_a_run_in_progress_says_so(run_dir, tmp_path):

@@ -314,14 +314,18 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
         weights=weights, weights_dir=weights_dir, keep_models=keep_models, tensorboard=tensorboard,
         workers=workers, listen=listen, strategy=strategy, precision=precision,
     )
+    if resume:
+        stored = _resumed_settings(run_dir, config)
+        if stored is not None:
+            config.trials, task = trials or stored.trials, stored.task
+    _check_ensemble_options(task, meta, min_sensitivity)
     if run_dir is None:
         run_dir = Path("runs") / f"{task}-{objective}-{time.strftime('%Y%m%d-%H%M%S')}"
     con = console()
     started = time.time()
     try:
         with RichReporter(con) as reporter:
-            result = run_search(config if not resume else (config if trials else None), run_dir,
-                                resume=resume, overwrite=overwrite, reporter=reporter)
+            result = run_search(config, run_dir, resume=resume, overwrite=overwrite, reporter=reporter)
     except KeyboardInterrupt:
         con.print(f"\n[yellow]interrupted[/yellow]: finished trials are kept; continue with\n"
                   f"  automammo search --run {esc(run_dir)} --resume")
@@ -360,6 +364,69 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
         con.print(esc(f"next: automammo report {result.run_dir}\n      automammo evaluate {made.bundle} --data {data_used}"))
     if result.stopped:
         sys.exit(1)
+
+
+# What a resumed run keeps from its start: the search option, its SearchConfig field.
+_KEPT_ON_RESUME = {
+    "task": "task", "objective": "objective", "builders": "builders", "tuner": "tuner", "epochs": "epochs",
+    "patience": "patience", "image_size": "image_size", "val_fraction": "val_fraction", "folds": "folds",
+    "seed": "seed", "contrast_stretch": "contrast_stretch", "symmetries": "augmentation.symmetries",
+    "rotation": "augmentation.rotation", "shift": "augmentation.shift", "zoom": "augmentation.zoom",
+    "weights": "weights", "weights_dir": "weights_dir", "keep_models": "keep_models",
+    "tensorboard": "tensorboard", "strategy": "strategy", "precision": "precision",
+}
+
+
+def _resumed_settings(run_dir: Path, given):
+    """The stored settings of the run to resume (None if there is none to resume), after
+    refusing any option typed on the command line that would differ from them: a resumed
+    run keeps its settings, and silently ignoring ``--task diagnosis`` would mislead."""
+    from click.core import ParameterSource
+
+    from automammo.runs import Run
+    from automammo.search import SearchConfig
+
+    run = Run(run_dir)
+    if not run.exists():
+        return None
+    stored = SearchConfig.from_dict(run.config().get("search", {}))
+    ctx = click.get_current_context()
+    changed = []
+    for param, name in _KEPT_ON_RESUME.items():
+        if ctx.get_parameter_source(param) != ParameterSource.COMMANDLINE:
+            continue
+        mine, theirs = given, stored
+        for part in name.split("."):
+            mine = mine[part] if isinstance(mine, dict) else getattr(mine, part)
+            theirs = theirs.get(part) if isinstance(theirs, dict) else getattr(theirs, part)
+        mine = list(mine) if isinstance(mine, tuple) else mine
+        if mine != theirs:
+            option = "--builder" if param == "builders" else "--" + param.replace("_", "-")
+            changed.append(f"{option} {_setting(mine)} (the run's: {_setting(theirs)})")
+    if changed:
+        raise UserError(f"{run.path}: a resumed run keeps its settings; {'; '.join(changed)}. "
+                        "Start a new run for other settings (--trials may grow, --data may point to moved data)")
+    return stored
+
+
+def _setting(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(value) or "every one that fits"
+    return "default" if value is None else str(value)
+
+
+def _check_ensemble_options(task_name: str, meta: str | None, min_sensitivity: float | None) -> None:
+    """Options of the ensemble stage, checked before the search rather than after it."""
+    from automammo import registry
+    from automammo.tasks import get_task
+
+    if meta is not None:
+        registry.get("meta-learner", meta)
+    task = get_task(task_name)
+    if min_sensitivity is not None and not task.binary:
+        raise UserError(f"--min-sensitivity applies to binary tasks; task {task.name} has {task.n_classes} classes")
 
 
 @cli.command()

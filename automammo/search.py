@@ -589,9 +589,20 @@ def versions() -> dict[str, str]:
     return out
 
 
-def open_run(run_dir, config: SearchConfig | None, resume: bool, overwrite: bool) -> tuple[Run, SearchConfig]:
-    """Create, replace or reopen a run directory; never clobber one silently."""
+def open_run(run_dir, config: SearchConfig | None, resume: bool,
+             overwrite: bool) -> tuple[Run, SearchConfig, bool]:
+    """Check that a run directory can be created, replaced or reopened; change nothing.
+
+    Returns the run, its configuration and whether an existing run is to be replaced,
+    which ``run_search`` does only once the new search's data and options have passed
+    their checks: a mistyped ``--data`` never costs a finished run.
+    """
     run = Run(run_dir)
+    for parent in run.path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunError(f"{run.path}: {parent} is a file, not a directory")
+            break
     if resume:
         if not run.exists():
             raise RunError(f"{run.path}: nothing to resume (no config.json)")
@@ -600,14 +611,20 @@ def open_run(run_dir, config: SearchConfig | None, resume: bool, overwrite: bool
             stored.trials = config.trials  # a resumed search may be extended
         if config is not None:
             stored.workers, stored.listen = config.workers, config.listen
-        return run, stored
-    if run.path.exists() and any(run.path.iterdir()):
+            if config.data:
+                stored.data = config.data  # moved data: the fingerprint check below still applies
+        return run, stored, False
+    replace = run.path.is_dir() and any(run.path.iterdir())
+    if replace:
+        if not run.exists() and not run.trials_path.exists():
+            # --overwrite replaces runs, never a folder of someone's files.
+            raise RunError(f"{run.path} is not empty and holds no run (no config.json or trials.jsonl); "
+                           "choose another --run")
         if not overwrite:
             raise RunError(f"{run.path} already holds a run; use --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(run.path)
     if config is None:
         raise RunError("a new run needs a configuration")
-    return run, config
+    return run, config, replace
 
 
 @dataclass
@@ -659,7 +676,7 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
             search stopped by too many consecutive failed trials.
     """
     reporter = reporter or Reporter()
-    run, config = open_run(run_dir, config, resume, overwrite)
+    run, config, replace = open_run(run_dir, config, resume, overwrite)
     if config.tuner not in TUNERS:
         raise AutomammoError(f"unknown tuner {config.tuner!r}; known: {', '.join(TUNERS)}")
     if config.trials < 1 or config.epochs < 1 or config.patience < 0:
@@ -687,7 +704,12 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
         stored = run.config()
         if stored.get("data_fingerprint") != prepared.fingerprint:
             raise RunError(f"{run.path}: the data changed since this run started ({source}); start a new run")
-    run.path.mkdir(parents=True, exist_ok=True)
+    if replace:
+        shutil.rmtree(run.path)
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"{run.path}: cannot create the run directory ({exc.strerror or exc})") from None
     write_json(run.config_path, {
         "search": dataclasses.asdict(config),
         "data": source,

@@ -140,6 +140,34 @@ def test_existing_run_is_never_overwritten(finished_run, small_dataset_path):
         run_search(_config(small_dataset_path), finished_run.run_dir)
 
 
+def test_overwrite_replaces_a_run_only_once_the_new_search_checks_out(finished_run, tmp_path):
+    import shutil
+
+    from automammo.errors import AutomammoError
+
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run.run_dir, copy, ignore=shutil.ignore_patterns("tuner"))
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    with pytest.raises(AutomammoError, match="missing.npz"):
+        run_search(_config(tmp_path / "missing.npz"), copy, overwrite=True)
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
+
+
+def test_overwrite_never_empties_a_folder_that_holds_no_run(tmp_path, small_dataset_path):
+    folder = tmp_path / "patches"
+    (folder / "benign").mkdir(parents=True)
+    (folder / "benign" / "a.png").write_bytes(b"not really")
+    for overwrite in (False, True):
+        with pytest.raises(RunError, match="is not empty and holds no run"):
+            run_search(_config(small_dataset_path), folder, overwrite=overwrite)
+    assert (folder / "benign" / "a.png").read_bytes() == b"not really"
+
+
+def test_a_run_under_a_file_is_one_line(tmp_path, small_dataset_path):
+    with pytest.raises(RunError, match="is a file, not a directory"):
+        run_search(_config(small_dataset_path), small_dataset_path / "run")
+
+
 def test_resume_extends_without_duplicates(tmp_path, small_dataset_path):
     run_dir = tmp_path / "r"
     run_search(_config(small_dataset_path, trials=1, epochs=1), run_dir)
@@ -193,6 +221,37 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--meta", "nope"], "unknown meta-learner 'nope'; known:"),
+    (["--task", "diagnosis", "--min-sensitivity", "0.9"], "--min-sensitivity applies to binary tasks"),
+])
+def test_cli_ensemble_options_are_checked_before_the_search(tmp_path, small_dataset_path, args, message):
+    result = CliRunner().invoke(cli, ["search", "--data", str(small_dataset_path), "--run", str(tmp_path / "r"), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_resume_refuses_other_settings_and_follows_moved_data(tmp_path, small_dataset):
+    data, run_dir = tmp_path / "d.npz", tmp_path / "r"
+    small_dataset.save(data)
+    run_search(_config(data, trials=1, epochs=1), run_dir)
+    before = (run_dir / "trials.jsonl").read_text()
+    refused = CliRunner().invoke(cli, ["search", "--run", str(run_dir), "--resume", "--task", "diagnosis",
+                                       "--no-symmetries", "--builder", "scratch_cnn"])
+    assert refused.exit_code == 2, refused.output
+    message = " ".join(refused.output.split())
+    assert "a resumed run keeps its settings; --task diagnosis (the run's: benign-malignant); " \
+           "--symmetries off (the run's: on)" in message
+    assert "--builder" not in message  # the same as the run's: not a change
+    assert (run_dir / "trials.jsonl").read_text() == before
+    moved = tmp_path / "moved.npz"
+    data.rename(moved)
+    result = CliRunner().invoke(cli, ["search", "--run", str(run_dir), "--resume", "--trials", "2", "--data", str(moved),
+                                      "--no-ensemble"])
+    assert result.exit_code == 0, result.output
+    assert len(Run(run_dir).trials()) == 2 and Run(run_dir).config()["data"] == str(moved)
 
 
 def test_cli_search_end_to_end(tmp_path, small_dataset_path):

@@ -108,7 +108,7 @@ def predict(bundle, inputs, baselines, out, batch_size):
     items = read_inputs(inputs, baselines, task=get_task(b.task_name), need_baseline=b.needs_baseline)
     if baselines and not b.needs_baseline:
         console(stderr=True).print("[yellow]note[/yellow]: this bundle does not use baselines; --baseline ignored")
-    _warn_bit_depth(b, items)
+    _warn_bit_depth(b, items.dtypes)
     raw_b = items.baselines if b.needs_baseline else None
     if raw_b is not None and any(x is None for x in raw_b):
         raise DataError("every patch needs a baseline for this bundle")
@@ -143,14 +143,14 @@ def predict(bundle, inputs, baselines, out, batch_size):
     con.print(esc("decisions: " + ", ".join(f"{c} {n}" for c, n in counts.items()) + (f"; written to {out}" if out else "")))
 
 
-def _warn_bit_depth(b, items) -> None:
+def _warn_bit_depth(b, dtypes) -> None:
     scales = {m.preprocessing.scale_max for m in b.members}
-    deep = any(np.dtype(d) == np.uint16 for d in items.dtypes)
+    deep = any(np.dtype(d) == np.uint16 for d in dtypes)
     trained_deep = any(s > 255 for s in scales)
     if trained_deep != deep:
         console(stderr=True).print(
             f"[yellow]warning[/yellow]: the bundle scales pixels by {max(scales):g} (its training data), "
-            f"but the inputs are {'/'.join(sorted(items.dtypes))}; predictions are only meaningful on "
+            f"but the inputs are {'/'.join(sorted(dtypes))}; predictions are only meaningful on "
             "data of the same bit depth")
 
 
@@ -166,7 +166,9 @@ def evaluate(bundle, data_path, replicates, seed, as_json):
     from automammo.bundle import Bundle
     from automammo.evaluation import evaluate_bundle, format_metric
 
-    report = evaluate_bundle(Bundle.load(bundle), data_path, replicates, seed)
+    b = Bundle.load(bundle)
+    report = evaluate_bundle(b, data_path, replicates, seed)
+    _warn_bit_depth(b, {report["dtype"]})
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

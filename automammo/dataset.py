@@ -76,12 +76,21 @@ class Dataset:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary name, then rename); returns the path."""
-        path = Path(path)
+        path = check_out_path(path)
         arrays = {name: getattr(self, name) for name in REQUIRED}
         arrays.update(self.meta)
         with atomic_path(path, suffix=".npz") as tmp:
             np.savez_compressed(tmp, **arrays)
         return path
+
+
+def check_out_path(path: str | os.PathLike) -> Path:
+    """A dataset file to write: it must end in ``.npz``, as every command reading one expects.
+    Importers call this first, so that a long import does not fail at its last step."""
+    path = Path(path)
+    if path.suffix.lower() != ".npz":
+        raise DataError(f"{path}: the dataset file must end in .npz")
+    return path
 
 
 def load(path: str | os.PathLike) -> Dataset:
@@ -91,6 +100,17 @@ def load(path: str | os.PathLike) -> Dataset:
         raise DataError(f"{path}: no such file")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a dataset .npz file")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    # What np.load would misreport: an .npy array, or text (which it takes for a pickle).
+    if magic == b"\x93NUMPY":
+        raise DataError(f"{path}: a single .npy array, not a dataset .npz (a zip of the arrays x, label, pair, "
+                        "patient, split); see `automammo data import-arrays`")
+    if magic[:2] != b"PK":
+        raise DataError(f"{path}: not a dataset .npz (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
@@ -165,14 +185,14 @@ def _from_arrays(arrays: dict, source: str) -> Dataset:
     bad = linked[patient[linked] != patient[pair[linked]]]
     if bad.size:
         i = bad[0]
-        fail(f"pair {i} <-> {pair[i]} joins two patients ({patient[i]!r}, {patient[pair[i]]!r})")
+        fail(f"pair {i} <-> {pair[i]} joins two patients ({str(patient[i])!r}, {str(patient[pair[i]])!r})")
     split = np.char.lower(np.char.strip(arrays["split"].astype(str)))
     bad = np.flatnonzero(~np.isin(split, SPLITS))
     if bad.size:
-        fail(f"split must be 'train' or 'test'; found {split[bad[0]]!r} at index {bad[0]}")
+        fail(f"split must be 'train' or 'test'; found {str(split[bad[0]])!r} at index {bad[0]}")
     both = np.intersect1d(patient[split == "train"], patient[split == "test"])
     if both.size:
-        fail(f"patient {both[0]!r} is in both train and test ({both.size} patients in all); "
+        fail(f"patient {str(both[0])!r} is in both train and test ({both.size} patients in all); "
              "a patient's patches must stay on one side of the split")
     for name in set(arrays) - set(REQUIRED):
         if name in RESERVED:

@@ -308,4 +308,5 @@ def evaluate_bundle(bundle, data, replicates: int = 2000, seed: int = 0, batch_s
                               bundle.positive, ds.patient[rows], replicates, seed)
     fingerprint = (bundle.manifest.get("data") or {}).get("fingerprint")
     return {"bundle": str(bundle.path), "data": str(data), "split": "test", "task": task.name,
-            "threshold": bundle.threshold, "same_data": fingerprint == ds.fingerprint(), **report}
+            "threshold": bundle.threshold, "same_data": fingerprint == ds.fingerprint(), "dtype": str(ds.x.dtype),
+            **report}

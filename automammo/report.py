@@ -33,7 +33,7 @@ import numpy as np
 from automammo import registry
 from automammo.dataset import Dataset
 from automammo.dataset import load as load_dataset
-from automammo.errors import AutomammoError, RunError
+from automammo.errors import AutomammoError, DataError, RunError
 from automammo.evaluation import ThresholdRule, clinical_metrics, cross_validated_decisions
 from automammo.objectives import THRESHOLDS, Objective, predict_classes
 from automammo.runs import Run
@@ -137,16 +137,25 @@ def open_source(path, data=None) -> Source:
     raise AutomammoError(f"{path}: neither a run directory (no config.json) nor a bundle (no manifest.json)")
 
 
-def _load_data(path, fingerprint: str | None, warnings: list[str]) -> Dataset | None:
-    """The dataset at ``path`` if it is the one recorded; else None and a warning why."""
+def _load_data(path, fingerprint: str | None, warnings: list[str], given: bool = False) -> Dataset | None:
+    """The dataset at ``path`` if it is the one recorded; else None and a warning why.
+
+    Raises:
+        DataError: a dataset the user named (``given``, i.e. ``--data``) is unreadable or is
+            not the recorded one: a note would hide the mistake.
+    """
     if not path:
         warnings.append("no dataset recorded: patches and patient grouping are not shown")
         return None
     try:
         ds = load_dataset(path)
     except AutomammoError as exc:
+        if given:
+            raise
         warnings.append(f"dataset unavailable ({exc}); pass --data to show patches and group by patient")
         return None
+    if fingerprint and ds.fingerprint() != fingerprint and given:
+        raise DataError(f"{path}: not the dataset this was built on (fingerprint differs); --data needs the original")
     if fingerprint and ds.fingerprint() != fingerprint:
         warnings.append(f"{path} is not the dataset this was built on (fingerprint differs); "
                         "patches and patient grouping are not shown; pass --data with the original")
@@ -163,7 +172,8 @@ def _open_run(path: Path, data) -> Source:
     except KeyError as exc:
         raise RunError(f"{run.config_path}: lacks {exc}; not written by automammo search") from None
     source = Source("run", path, task, objective, run=run, config=config, records=run.trials())
-    source.dataset = _load_data(data or config.get("data"), config.get("data_fingerprint"), source.warnings)
+    source.dataset = _load_data(data or config.get("data"), config.get("data_fingerprint"), source.warnings,
+                                given=data is not None)
     ranked = run.ranked(objective.direction)
     best = next((t for t in ranked if run.preds_path(t["trial_id"]).exists()), None)
     if ranked and best is not ranked[0]:
@@ -237,7 +247,7 @@ def _open_bundle(path: Path, data) -> Source:
                 source.records.append(by_run[run.path][spec["trial_id"]])
     manifest_data = manifest.get("data") or {}
     source.dataset = _load_data(data or manifest_data.get("source"), manifest_data.get("fingerprint"),
-                                source.warnings)
+                                source.warnings, given=data is not None)
     try:
         source.preds = _ensemble_predictions(source, runs, verified)
     except AutomammoError as exc:

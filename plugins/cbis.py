@@ -39,6 +39,7 @@ import click
 import numpy as np
 
 from automammo import hookimpl
+from automammo.dataset import check_out_path
 from automammo.dicom import read_dicom, read_header
 from automammo.errors import DataError
 from automammo.importers import Importer
@@ -197,6 +198,10 @@ def read_cases(path: Path, kind: str, split: str, skipped: PatchCollector) -> li
         where = f"{path.name} line {line}"
         if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
             continue  # blank line
+        if any(row.get(columns[_norm(c)]) is None for c in REQUIRED_COLUMNS):
+            fields = sum(v is not None for k, v in row.items() if k is not None)
+            skipped.skip("row shorter than the header", example=f"{where}: {fields} of {len(header)} fields")
+            continue
         atype = TYPE_KIND.get(get(row, "abnormality type").lower())
         if atype is None:
             skipped.skip("unknown abnormality type", example=f"{where}: {get(row, 'abnormality type')!r}")
@@ -444,7 +449,7 @@ def import_cbis(
     Raises:
         DataError: no CSV, a CSV lacking columns, no DICOM, or nothing usable.
     """
-    root = Path(root)
+    root, out = Path(root), check_out_path(out)
     if not root.is_dir():
         raise DataError(f"{root}: not a directory (expected the CBIS-DDSM download folder)")
     if size < 8:

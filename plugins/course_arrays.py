@@ -158,7 +158,7 @@ def _patients(patients: np.ndarray | None, n: int, paired: bool, prefix: str, wh
             i = int(bad[0]) * 2
             raise DataError(
                 f"{where}: the pair at index {i}, {i + 1} has two patient ids "
-                f"({patients[i]!r}, {patients[i + 1]!r}); a baseline comes from its lesion's patient"
+                f"({str(patients[i])!r}, {str(patients[i + 1])!r}); a baseline comes from its lesion's patient"
             )
     return patients
 

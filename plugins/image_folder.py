@@ -35,6 +35,7 @@ import click
 import numpy as np
 
 from automammo import hookimpl
+from automammo.dataset import check_out_path
 from automammo.dicom import is_dicom_file, read_dicom
 from automammo.errors import DataError
 from automammo.importers import Importer
@@ -212,7 +213,7 @@ def import_folder(
     Returns:
         The written ``Dataset``.
     """
-    directory = Path(directory)
+    directory, out = Path(directory), check_out_path(out)
     if not directory.is_dir():
         raise DataError(f"{directory}: not a directory")
     entries = scan(directory)
@@ -231,7 +232,9 @@ def import_folder(
         for line, row in _read_csv(pairs, ("lesion", "baseline")):
             lesion, base = _rel(row["lesion"]), _rel(row["baseline"])
             where = f"{pairs} line {line}"
-            for rel in (lesion, base):
+            for column, rel in (("lesion", lesion), ("baseline", base)):
+                if not rel:
+                    raise DataError(f"{where}: no {column} on this row")
                 if rel not in label_of:
                     raise DataError(f"{where}: {rel!r} is not an image in a class folder of {directory}")
             if label_of[lesion] == 0:

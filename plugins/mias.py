@@ -28,6 +28,7 @@ import click
 import numpy as np
 
 from automammo import hookimpl
+from automammo.dataset import check_out_path
 from automammo.errors import DataError
 from automammo.importers import Importer
 from automammo.patches import (
@@ -127,6 +128,7 @@ class InfoRow:
     x: float | None
     y: float | None
     radius: float | None
+    unreadable: bool = False  # something stood where the coordinates go, but not 3 numbers
 
     @property
     def number(self) -> int:
@@ -170,7 +172,8 @@ def parse_info(path: str | os.PathLike) -> list[InfoRow]:
             except ValueError:
                 break  # "*NOTE 3*" and the like: no coordinates
         x, y, radius = numbers if len(numbers) == 3 else (None, None, None)
-        rows.append(InfoRow(ref, number, background, cls, severity, x, y, radius))
+        unreadable = bool(rest) and len(numbers) < 3 and not rest[0].startswith("*")
+        rows.append(InfoRow(ref, number, background, cls, severity, x, y, radius, unreadable))
     if not rows:
         raise DataError(f"{path}: no 'mdbNNN ...' rows; is this the mini-MIAS Info.txt?")
     return rows
@@ -246,7 +249,7 @@ def import_mias(
     Returns:
         The written ``Dataset``.
     """
-    directory = Path(directory)
+    directory, out = Path(directory), check_out_path(out)
     if not directory.is_dir():
         raise DataError(f"{directory}: not a directory (expected the mini-MIAS folder)")
     info_path = Path(info) if info is not None else find_info(directory)
@@ -266,6 +269,9 @@ def import_mias(
             label = _label(row, include_arch_asym)
             if isinstance(label, str):
                 c.skip(label, example=f"{info_path.name} line {row.line}: {ref} {row.cls}")
+            elif row.x is None and row.unreadable:
+                c.skip("unreadable coordinates (expected x y radius)",
+                       example=f"{info_path.name} line {row.line}: {ref}")
             elif row.x is None:
                 c.skip("no coordinates", example=f"{info_path.name} line {row.line}: {ref}")
             else:

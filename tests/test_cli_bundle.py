@@ -150,6 +150,16 @@ def test_evaluate_prints_n_and_intervals_on_the_test_split(shared, lesions):
     assert report["metrics"]["accuracy"]["value"] == pytest.approx(np.mean(pred == truth))
 
 
+def test_evaluate_flags_data_of_another_bit_depth(shared, tmp_path):
+    from conftest import make_dataset
+
+    # The shared bundle was trained on 8-bit patches; these are 12-bit.
+    deep = make_dataset(dtype=np.uint16).save(tmp_path / "deep.npz")
+    result = CliRunner().invoke(cli, ["evaluate", str(shared[2]), "--data", str(deep), "--replicates", "100"])
+    assert result.exit_code == 0, result.output
+    assert "the bundle scales pixels by 255" in result.output and "uint16" in result.output
+
+
 def test_evaluate_needs_a_test_split(shared, tmp_path):
     ds = load_dataset(shared[1])
     from automammo.dataset import Dataset

@@ -70,6 +70,26 @@ def test_not_an_npz(tmp_path, content):
         load(path)
 
 
+def test_text_and_npy_files_are_named_for_what_they_are(tmp_path):
+    text = tmp_path / "notes.npz"
+    text.write_text("hello\n")
+    with pytest.raises(DataError, match=r"notes.npz: not a dataset .npz \(not a zip archive\)$"):
+        load(text)
+    array = tmp_path / "x.npy"
+    np.save(array, np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"x.npy: a single .npy array, not a dataset .npz .*import-arrays"):
+        load(array)
+
+
+def test_values_in_messages_are_plain_strings(tmp_path, small_dataset):
+    arrays = _arrays(small_dataset)
+    arrays["split"][0] = "foo"
+    np.savez(tmp_path / "s.npz", **arrays)
+    with pytest.raises(DataError) as err:
+        load(tmp_path / "s.npz")
+    assert "found 'foo' at index 0" in str(err.value) and "np.str_" not in str(err.value)
+
+
 def test_truncated_npz(tmp_path, small_dataset):
     path = small_dataset.save(tmp_path / "d.npz")
     data = path.read_bytes()

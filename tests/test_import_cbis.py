@@ -216,6 +216,15 @@ def test_import_cbis_resolves_the_traps_and_cuts_real_pairs(tmp_path):
     assert "swapped in the CSV (resolved by content): 1" in result.output
 
 
+def test_a_row_shorter_than_the_header_is_counted_as_such(tmp_path):
+    build(tmp_path / "download")
+    with open(tmp_path / "download" / cbis.CSV_FILES[("mass", "train")], "a", newline="") as fh:
+        fh.write("P_00009,3,LEFT\n")
+    result = run([tmp_path / "download", tmp_path / "out.npz", "--size", "48"])
+    assert result.exit_code == 0, result.output
+    assert "row shorter than the header: 1" in result.output and "3 of 14 fields" in result.output
+
+
 def test_patient_in_both_official_splits(tmp_path):
     build(tmp_path / "d", overlap=True)
     ds = cbis.import_cbis(tmp_path / "d", tmp_path / "a.npz", size=48, echo=lambda *_: None)

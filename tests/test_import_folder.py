@@ -193,11 +193,17 @@ def test_layout_and_csv_errors(tmp_path):
     write_csv(tmp_path / "pairs.csv", ["lesion", "baseline"], [["baseline/a.png", "mass_benign/b.png"]])
     with pytest.raises(DataError, match=r"pairs.csv line 2: 'baseline/a.png' is in the baseline folder"):
         image_folder.import_folder(root, tmp_path / "o.npz", pairs=tmp_path / "pairs.csv", echo=lambda *_: None)
+    (tmp_path / "pairs.csv").write_text("lesion,baseline\nmass_benign/b.png\n")
+    with pytest.raises(DataError, match=r"pairs.csv line 2: no baseline on this row"):
+        image_folder.import_folder(root, tmp_path / "o.npz", pairs=tmp_path / "pairs.csv", echo=lambda *_: None)
     write_csv(tmp_path / "pairs.csv", ["lesion", "baseline"], [["mass_benign/zz.png", "baseline/a.png"]])
     with pytest.raises(DataError, match=r"'mass_benign/zz.png' is not an image"):
         image_folder.import_folder(root, tmp_path / "o.npz", pairs=tmp_path / "pairs.csv", echo=lambda *_: None)
     with pytest.raises(DataError, match="does not match"):
         image_folder.import_folder(root, tmp_path / "o.npz", patient_pattern=r"P_\d+", echo=lambda *_: None)
+    with pytest.raises(DataError, match=r"o.data: the dataset file must end in .npz"):
+        image_folder.import_folder(root, tmp_path / "o.data", echo=lambda *_: None)
+    assert not (tmp_path / "o.data").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images in class folders"):
         image_folder.import_folder(tmp_path / "empty", tmp_path / "o.npz", echo=lambda *_: None)

@@ -33,6 +33,7 @@ mdb005 F ARCH M 300 500 35
 mdb006 F CIRC M 6 512 20
 mdb007 G CIRC B 2000 2000 10
 mdb008 F MISC B 300 500 30
+mdb001 G CIRC B 3OO 700 40
 """
 
 # Where each located row's disc is drawn: (refnum) -> [(x, y, radius)] with y from the bottom.
@@ -112,7 +113,9 @@ def test_parse_info_keeps_rows_without_coordinates(tmp_path):
     norm = next(r for r in rows if r.cls == "NORM")
     assert norm.severity is None and norm.x is None
     notes = [r for r in rows if r.ref == "mdb004"]
-    assert len(notes) == 2 and all(r.x is None and r.severity == "B" for r in notes)
+    assert len(notes) == 2 and all(r.x is None and r.severity == "B" and not r.unreadable for r in notes)
+    typo = rows[-1]  # "3OO": a letter O where a digit belongs
+    assert typo.ref == "mdb001" and typo.x is None and typo.unreadable
     assert rows[0].patient == rows[1].patient == "mdb001+mdb002"
     assert next(r for r in rows if r.ref == "mdb005").patient == "mdb005+mdb006"
 
@@ -149,7 +152,7 @@ def test_import_mias_cuts_the_lesions_at_bottom_left_coordinates(tmp_path):
     p = {str(ds.meta["image"][i]): str(ds.patient[i]) for i in lesions}
     assert p["mdb001"] == p["mdb002"] == "mdb001+mdb002" and p["mdb006"] == "mdb005+mdb006"
     out_text = result.output
-    for reason in ("no coordinates: 2", "normal film (no lesion): 1", "coordinates off the film: 1",
+    for reason in ("no coordinates: 2", "unreadable coordinates (expected x y radius): 1", "normal film (no lesion): 1", "coordinates off the film: 1",
                    "film not found: 1", "architectural distortion / asymmetry (see --include-arch-asym): 1"):
         assert reason in out_text, reason
 

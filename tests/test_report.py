@@ -259,6 +259,15 @@ def test_a_moved_dataset_is_a_note_not_a_failure(run_dir, tmp_path):
     # --data points at the file again.
     again = collect(open_source(copy, data=logged_run()[1]))
     assert not again["warnings"] and again["metrics"]["bootstrap"]["unit"] == "patient"
+    # A --data the user names is checked: a wrong one is an error, not a note.
+    result = CliRunner().invoke(cli, ["report", str(copy), "--data", str(tmp_path / "typo.npz")])
+    assert result.exit_code == 2 and "typo.npz: no such file" in result.output
+    other = tmp_path / "other.npz"
+    from conftest import make_dataset
+
+    make_dataset(seed=9).save(other)
+    result = CliRunner().invoke(cli, ["report", str(copy), "--data", str(other)])
+    assert result.exit_code == 2 and "other.npz: not the dataset this was built on" in result.output
 
 
 def test_tensorboard_has_event_files_with_curves_and_hparams_per_trial(run_dir):

@@ -706,11 +706,11 @@ def work(chief: str | None, run_dir, tuner_id: str | None = None, threads: int |
 
     reporter = reporter or Reporter()
     run = Run(run_dir)
-    _wait_for(run.config_path, CONFIG_WAIT_SECONDS)
+    _wait_for(run.config_path, CONFIG_WAIT_SECONDS, reporter)
     chief_file = None
     if chief is None:
         chief_file = run.path / WORKERS_DIR / CHIEF_FILE
-        _wait_for(chief_file, CONFIG_WAIT_SECONDS)
+        _wait_for(chief_file, CONFIG_WAIT_SECONDS, reporter)
         chief = json.loads(chief_file.read_text())["address"]
     host, port = parse_address(chief)
     stored = run.config()
@@ -748,8 +748,13 @@ def _limit_threads(threads: int) -> None:
         pass  # TensorFlow already started in this process; it keeps its thread pools
 
 
-def _wait_for(path: Path, seconds: float) -> None:
+def _wait_for(path: Path, seconds: float, reporter=None) -> None:
     deadline = time.time() + seconds
+    if not path.exists() and reporter is not None:
+        # Said once, so that a worker started before its chief (or at a mistyped --run) is
+        # not silent while it waits.
+        reporter.message(f"waiting up to {seconds:.0f} s for {path} (written by the chief: "
+                         "automammo search --listen HOST:PORT --run DIR)")
     while not path.exists():
         if time.time() > deadline:
             raise RunError(f"no {path} after {seconds:.0f} s; is a chief running "

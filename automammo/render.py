@@ -406,6 +406,8 @@ def render_validation(result: dict, con: Console) -> None:
     con.print(f"[dim]{escape(d['note'])}[/dim]\n")
     for model in result["models"]:
         _validation_model(model, result["objective"]["name"], con)
+    for w in result.get("warnings", []):
+        con.print(f"[yellow]note[/yellow]: {escape(w)}")
 
 
 def _validation_model(model: dict, objective: str, con: Console) -> None:

@@ -321,6 +321,18 @@ def validate(path, trial_id: str | None = None, repeats: int | None = None, fold
     repeats = repeats or (1 if folds else DEFAULT_REPEATS)
     progress = progress or (lambda text: None)
     kind, todo = recipes(path, trial_id)
+    warnings = []
+    if kind == "bundle":
+        from automammo.bundle import read_manifest, verify_files
+        from automammo.errors import BundleError
+
+        # The members are trained again from their runs, so a damaged file does not stop
+        # this; but the manifest says which trials those are, and it may be what changed.
+        try:
+            verify_files(Path(path), read_manifest(Path(path)))
+        except BundleError as exc:
+            warnings.append(f"integrity check failed: {exc}; the members are the trials its manifest names")
+            progress(f"warning: {warnings[-1]}")
     first = todo[0].config
     task = get_task(first["task"]["name"])
     search = first["search"]
@@ -376,5 +388,5 @@ def validate(path, trial_id: str | None = None, repeats: int | None = None, fold
                    "seeds": [seed + r for r in range(repeats)], "description": description,
                    "note": "each training stops early on its held-out part's objective, as the search does; "
                            "the test split is not read"},
-        "models": models,
+        "models": models, "warnings": warnings,
     })

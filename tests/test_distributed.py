@@ -175,6 +175,15 @@ def test_a_worker_may_not_be_named_chief(tmp_path):
         distributed.work("127.0.0.1:1", tmp_path, tuner_id="chief-2")
 
 
+def test_a_worker_says_what_it_waits_for_and_gives_up_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "CONFIG_WAIT_SECONDS", 0.1)
+    said = []
+    reporter = type("R", (search.Reporter,), {"message": lambda self, text: said.append(text)})()
+    with pytest.raises(RunError, match=r"no .*nowhere/config.json after 0 s; is a chief running"):
+        distributed.work(None, tmp_path / "nowhere", tuner_id="w1", reporter=reporter)
+    assert len(said) == 1 and said[0].startswith("waiting up to 0 s for") and "nowhere/config.json" in said[0]
+
+
 def test_a_worker_refuses_data_that_differs_from_the_chiefs(tmp_path, small_dataset_path):
     run = Run(tmp_path / "r")
     stored = {"search": _config(small_dataset_path).__dict__, "data_fingerprint": "0" * 64,

@@ -19,7 +19,7 @@ from automammo.preprocess import Preprocessing
 from automammo.render import render_validation
 from automammo.runs import Run
 from automammo.tasks import get_task
-from automammo.validate import partitions, recipes, summarize, train_arrays
+from automammo.validate import partitions, recipes, summarize, train_arrays, validate
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +147,18 @@ def test_bundle_members_are_the_recipes_and_a_lost_run_is_named(shared, tmp_path
     (moved / "manifest.json").write_text(text)
     with pytest.raises(RunError, match="which is gone"):
         recipes(moved)
+
+
+def test_a_bundle_that_fails_its_integrity_check_is_validated_with_a_note(tmp_path):
+    copy = tmp_path / "t.ammo"
+    shutil.copytree(logged_bundle(), copy)
+    with open(copy / "meta.npz", "ab") as fh:
+        fh.write(b"\0")
+    said = []
+    result = validate(copy, repeats=1, epochs=1, progress=said.append)
+    assert len(result["warnings"]) == 1 and "meta.npz does not match its sha256" in result["warnings"][0]
+    assert said[0].startswith("warning: integrity check failed")
+    assert len(result["models"]) == len(json.loads((copy / "manifest.json").read_text())["members"])
 
 
 def test_unknown_or_failed_trials_are_one_line_errors(shared, tmp_path):

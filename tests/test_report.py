@@ -196,14 +196,21 @@ def test_a_bundle_alone_is_enough_for_its_report(bundle, tmp_path):
     """Runs and dataset gone: the curves still come from the bundle's own out-of-fold file."""
     alone = tmp_path / "elsewhere" / "alone.ammo"
     shutil.copytree(bundle, alone)
-    source = open_source(alone, data=tmp_path / "gone.npz")
+    manifest = json.loads((alone / "manifest.json").read_text())
+    manifest["data"]["source"] = str(tmp_path / "gone.npz")
+    manifest["data"]["runs"] = [str(tmp_path / "gone-run") for _ in manifest["data"]["runs"]]
+    for member in manifest["members"]:
+        member["run"] = str(tmp_path / "gone-run")
+    (alone / "manifest.json").write_text(json.dumps(manifest))
+    source = open_source(alone)
     report = collect(source)
+    assert any("dataset unavailable" in w for w in report["warnings"])
     assert source.preds is not None and report["evaluated"]["reproduced"] is True
     assert report["confusion_matrix"] == json.loads((bundle / "manifest.json").read_text())["validation"]["confusion_matrix"]
     assert not any("out-of-fold" in w for w in report["warnings"])
     plots = write_plots(source, tmp_path / "plots")
     # Only what needs the runs' trials or the dataset's images is skipped.
-    assert {s["plot"] for s in plots["skipped"]} == {"objective_by_trial", "misclassified"}
+    assert {s["plot"] for s in plots["skipped"]} == {"objective_by_trial", "learning_curves", "misclassified"}
 
 
 def test_a_damaged_out_of_fold_file_is_not_trusted(bundle, tmp_path):

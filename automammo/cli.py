@@ -55,6 +55,19 @@ def console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False)
 
 
+def _quiet_failed_trials() -> None:
+    """Keras Tuner prints the whole traceback of every failed trial; the CLI shows one line
+    per failed trial and ``trials.jsonl`` keeps the traceback, so it is printed only with
+    ``--debug``."""
+    if _debug(click.get_current_context()):
+        return
+    try:
+        from keras_tuner.src import config as tuner_config
+    except ImportError:  # a Keras Tuner that moved its flag: its tracebacks show, nothing breaks
+        return
+    tuner_config.DEBUG = False
+
+
 def esc(value) -> str:
     """``value`` as text for a rich console: names, paths and messages from data files, runs
     and plugins are shown as they are, never read as markup ("[a,b]" would vanish and
@@ -319,6 +332,7 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
         if stored is not None:
             config.trials, task = trials or stored.trials, stored.task
     _check_ensemble_options(task, meta, min_sensitivity)
+    _quiet_failed_trials()
     if run_dir is None:
         run_dir = Path("runs") / f"{task}-{objective}-{time.strftime('%Y%m%d-%H%M%S')}"
     con = console()
@@ -439,6 +453,7 @@ def worker(run_dir, chief, tuner_id, threads, max_trials):
     """Join a distributed search: train the trials its chief hands out until none is left."""
     from automammo import distributed
 
+    _quiet_failed_trials()
     con = console()
     with RichReporter(con) as reporter:
         records = distributed.work(chief, run_dir, tuner_id=tuner_id, threads=threads,

@@ -107,9 +107,11 @@ class MetaLearner:
             raise BundleError(f"meta-learner {cls.name}: stored parameters are malformed ({exc})") from None
         learner._check_loaded()
         # Whatever a plugin's own checks miss, parameters that cannot predict one row of the
-        # stored width are refused here, at load time, not on a user's first patch.
+        # stored width are refused here, at load time, not on a user's first patch. The row
+        # is a valid input of either feature kind: every member saying 1 / n_classes to each
+        # class (for penultimate features, just finite values).
         try:
-            probe = learner.predict_proba(np.zeros((1, learner.n_features)))
+            probe = learner.predict_proba(np.full((1, learner.n_features), 1.0 / learner.n_classes))
         except Exception as exc:  # noqa: BLE001 - any failure means unusable parameters
             raise BundleError(f"meta-learner {cls.name}: stored parameters do not predict "
                               f"({type(exc).__name__}: {exc})") from None

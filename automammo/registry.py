@@ -120,16 +120,21 @@ class _PluginHost:
         for impl in reversed(impls):
             package = self.packages.get(impl.plugin_name, impl.plugin_name)
             others = [other.plugin for other in impls if other is not impl]
+            module = getattr(impl.plugin, "__name__", impl.plugin_name)
+            where = f"{module}.{KINDS[kind]}" if module == impl.plugin_name else \
+                f"{impl.plugin_name}: {module}.{KINDS[kind]}"
             try:
                 results = self.pm.subset_hook_caller(KINDS[kind], remove_plugins=others)()
                 items = (results[0] if results else None) or []
             except Exception as exc:  # noqa: BLE001
-                self._fail(package, f"{impl.plugin_name}.{KINDS[kind]}", exc)
+                self._fail(package, where, exc)
                 continue
             for item in items:
                 name = getattr(item, "name", None)
                 if not isinstance(name, str) or not name:
-                    raise PluginError(f"{package} ({impl.plugin_name}) registered a {kind} without a name: {item!r}")
+                    # Reported and skipped, like a hook that raises: the rest keep working.
+                    self._fail(package, where, PluginError(f"registered {'an' if kind[0] in 'aeiou' else 'a'} {kind} without a name: {item!r}"))
+                    continue
                 if name in found:
                     first = found[name]
                     raise PluginError(

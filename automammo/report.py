@@ -457,13 +457,24 @@ def run_status(source: Source) -> dict:
     stopped = len(tail) == limit and all(r.get("status") != "COMPLETED" for r in tail)
     of = f" of {planned}" if planned else ""
     resume = f"continue with automammo search --run {run.path} --resume"
+    try:  # how the search said it ended (ended.json), if it did
+        ended = json.loads(run.ended_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        ended = {}
     if under_way:
         state = "in progress"
         message = (f"{len(records)}{of} trials recorded; trial {', '.join(under_way)} under way "
                    f"(or interrupted: {resume})")
+    elif ended.get("state") == "stopped":
+        state = "stopped"
+        message = f"{ended.get('message')}; {len(records)}{of} trials recorded"
     elif stopped and (planned is None or len(records) < planned):
         state = "stopped"
         message = f"stopped after {limit} consecutive failed trials; {len(records)}{of} trials recorded"
+    elif ended.get("state") == "finished" and best_model:
+        state = "finished"
+        message = f"{len(records)}{of} trials, {completed} completed, {failed} failed" + (
+            f"; {ended['note']}" if ended.get("note") else "")
     elif (planned is not None and len(records) < planned) or not best_model:
         state = "in progress"
         why = "no best.keras yet" if not best_model else f"{planned - len(records)} trials to go"

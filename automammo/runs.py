@@ -36,6 +36,7 @@ class Run:
     tuner_dir = property(lambda self: self.path / "tuner")
     cache_dir = property(lambda self: self.path / "cache")
     best_model_path = property(lambda self: self.path / "best.keras")
+    ended_path = property(lambda self: self.path / "ended.json")
 
     def exists(self) -> bool:
         return self.config_path.exists()

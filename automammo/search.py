@@ -727,6 +727,7 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
         tuner.oracle.max_trials = config.trials if config.tuner != "hyperband" else tuner.oracle.max_trials
     _deterministic(config.seed)
     total = config.trials if config.tuner != "hyperband" else None
+    run.ended_path.unlink(missing_ok=True)  # written again when this search ends
     reporter.search_begin(run.path, total, config, len(run.trials()))
     stopped = ""
     try:
@@ -742,11 +743,44 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
         reasons = "; ".join(sorted({f"{t['builder']}: {t.get('error')}" for t in failed}))
         stopped = f"stopped after {config.max_consecutive_failures} consecutive failed trials ({reasons})"
     result = finish(run, objective)
-    result.stopped = stopped
+    ended = _how_it_ended(result, config, objective, stopped)
+    if ended["note"]:
+        reporter.message(ended["note"])
+    write_json(run.ended_path, ended)
+    result.stopped = stopped or (ended["message"] if result.best is None else "")
     reporter.search_end(result)
-    if stopped and result.best is None:
-        raise AutomammoError(stopped)
+    if result.best is None:
+        raise AutomammoError(result.stopped)
     return result
+
+
+def _how_it_ended(result: "SearchResult", config: SearchConfig, objective, stopped: str) -> dict:
+    """What ``ended.json`` records, and ``report`` shows: finished, or stopped and why.
+
+    Besides too many consecutive failures, a search ends without a usable trial when every
+    trial failed before the tuner ran out of new configurations (a small space), or when the
+    objective gave no finite score; and it ends early, with fewer trials than asked, when its
+    search space holds no untried configuration.
+    """
+    records = result.trials
+    completed = [t for t in records if t.get("status") == "COMPLETED"]
+    note = ""
+    if not stopped and config.tuner != "hyperband" and len(records) < config.trials:
+        note = (f"the tuner ended after {len(records)} of {config.trials} trials: "
+                "no untried configuration is left in the search space")
+    if stopped:
+        message = stopped
+    elif not completed:
+        reasons = "; ".join(sorted({f"{t.get('builder')}: {t.get('error')}" for t in records})) or "no trial ran"
+        message = f"no trial completed ({reasons})"
+    elif result.best is None:
+        message = (f"no trial has a score: objective {objective.name} gave no finite value on the validation "
+                   f"data in {len(completed)} completed trials")
+    else:
+        message = ""
+    return {"state": "stopped" if message else "finished", "message": message or note, "note": note,
+            "trials": len(records), "completed": len(completed),
+            "ended": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 @contextlib.contextmanager

@@ -88,7 +88,18 @@ def test_hook_that_raises_is_reported(fresh_host, monkeypatch):
 
     _objective_plugin(monkeypatch, "raising_plugin", automammo_register_objectives, dist="raiser-pkg")
     assert "f2" in registry.objectives()
-    assert any(f.package == "raiser-pkg" and "boom in hook" in f.error for f in registry.load_failures())
+    assert any(f.package == "raiser-pkg" and "boom in hook" in f.error
+               and f.where.endswith("raising_plugin.automammo_register_objectives") for f in registry.load_failures())
+
+
+def test_a_thing_without_a_name_is_reported_and_the_rest_work(fresh_host, monkeypatch):
+    class Unnamed:
+        pass
+
+    _objective_plugin(monkeypatch, "unnamed_plugin", lambda: [Unnamed()], dist="unnamed-pkg")
+    assert "f2" in registry.objectives()
+    failure = next(f for f in registry.load_failures() if f.package == "unnamed-pkg")
+    assert "registered an objective without a name" in failure.error and "unnamed_plugin" in failure.where
 
 
 def test_plugins_command_lists_builders_and_objectives(fresh_host):

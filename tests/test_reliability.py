@@ -15,6 +15,7 @@ import pytest
 from automammo import hookimpl, registry
 from automammo.builders import Builder
 from automammo.errors import AutomammoError
+from automammo.objectives import Objective
 from automammo.search import SearchConfig, run_search
 
 
@@ -24,6 +25,15 @@ class Exploding(Builder):
 
     def build_model(self, hp):
         hp.Int("units", 1, 4)
+        raise ValueError("this builder always fails to build")
+
+
+class ExplodingSmallSpace(Builder):
+    name = "exploding_small"
+    description = "raises while building; two configurations in all"
+
+    def build_model(self, hp):
+        hp.Choice("width", [8, 16])
         raise ValueError("this builder always fails to build")
 
 
@@ -42,15 +52,30 @@ class FailsInFit(Builder):
         raise RuntimeError("out of memory while training (simulated)")
 
 
+class OneConfiguration(FailsInFit):
+    name = "one_configuration"
+    description = "a space of one configuration"
+    fit = Builder.fit
+
+    def training_space(self, hp):
+        return {"optimizer": hp.Choice("optimizer", ["adam"]), "learning_rate": hp.Choice("learning_rate", [1e-3]),
+                "batch_size": hp.Choice("batch_size", [32]), "class_weight": hp.Choice("class_weight", ["none"])}
+
+
 @pytest.fixture
 def bad_plugins(monkeypatch):
     mod = types.ModuleType("bad_builders_plugin")
 
     @hookimpl
     def automammo_register_builders():
-        return [Exploding, FailsInFit]
+        return [Exploding, ExplodingSmallSpace, FailsInFit, OneConfiguration]
+
+    @hookimpl
+    def automammo_register_objectives():
+        return [Objective("never_finite", "max", lambda *a: float("nan"), "a broken objective: always NaN")]
 
     mod.automammo_register_builders = automammo_register_builders
+    mod.automammo_register_objectives = automammo_register_objectives
     monkeypatch.setitem(sys.modules, "bad_builders_plugin", mod)
     ep = types.SimpleNamespace(name="bad", value="bad_builders_plugin", dist=types.SimpleNamespace(name="bad-pkg"),
                                load=lambda: mod)
@@ -84,6 +109,48 @@ def test_too_many_consecutive_failures_stop_with_a_summary(bad_plugins, tmp_path
         run_search(_config(small_dataset_path, builders=["exploding"], trials=10), tmp_path / "r")
     lines = (tmp_path / "r" / "trials.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(x)["status"] == "FAILED" for x in lines)
+
+
+def test_a_search_whose_every_trial_failed_says_so_even_when_its_space_runs_out(bad_plugins, tmp_path,
+                                                                                small_dataset_path):
+    from click.testing import CliRunner
+
+    from automammo.cli import cli
+    from automammo.report import collect, open_source
+
+    # Two configurations: the tuner runs out before three consecutive failures.
+    result = CliRunner().invoke(cli, ["search", "--data", str(small_dataset_path), "--builder", "exploding_small",
+                                      "--trials", "6", "--epochs", "1", "--image-size", "32", "--no-tensorboard",
+                                      "--no-ensemble", "--run", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert "no trial completed (exploding_small: ValueError: this builder always fails to build)" in result.output
+    # One line per failed trial; Keras Tuner's tracebacks stay in trials.jsonl.
+    assert "Traceback" not in result.output
+    assert "Traceback" in json.loads((tmp_path / "r" / "trials.jsonl").read_text().splitlines()[0])["traceback"]
+    status = collect(open_source(tmp_path / "r"))["status"]
+    assert status["state"] == "stopped" and status["message"].startswith("no trial completed")
+
+
+def test_a_search_space_that_runs_out_is_said_to(bad_plugins, tmp_path, small_dataset_path):
+    from automammo.report import collect, open_source
+
+    said = []
+    reporter = type("R", (), {"message": lambda self, text: said.append(text),
+                              "__getattr__": lambda self, name: (lambda *a, **k: None)})()
+    result = run_search(_config(small_dataset_path, builders=["one_configuration"], trials=3), tmp_path / "r",
+                        reporter=reporter)
+    assert len(result.trials) == 1 and result.best is not None and not result.stopped
+    note = "the tuner ended after 1 of 3 trials: no untried configuration is left in the search space"
+    assert note in said
+    status = collect(open_source(tmp_path / "r"))["status"]
+    assert status["state"] == "finished" and status["message"].endswith(note)
+
+
+def test_an_objective_that_gives_no_score_is_an_error_not_a_success(bad_plugins, tmp_path, small_dataset_path):
+    with pytest.raises(AutomammoError, match="no trial has a score: objective never_finite gave no finite value"):
+        run_search(_config(small_dataset_path, builders=["scratch_cnn"], objective="never_finite", trials=1),
+                   tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "ended.json").read_text())["state"] == "stopped"
 
 
 def test_kill_9_then_resume_keeps_finished_trials(tmp_path, small_dataset_path):

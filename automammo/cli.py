@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 # TensorFlow's C++ chatter (CUDA probing, oneDNN notes, graph-attribute notices) and its
 # Python retracing warnings are noise to a CLI user; --debug or AUTOMAMMO_DEBUG keeps them.
@@ -227,7 +228,9 @@ class RichReporter:
     def search_begin(self, run_dir, total, config, done):
         self.objective = config.objective
         self.con.print(f"run [bold]{esc(run_dir)}[/bold]: task {config.task}, objective {config.objective}, "
-                       f"tuner {config.tuner}, {total or 'hyperband'} trials x <= {config.epochs} epochs"
+                       f"tuner {config.tuner}, "
+                       f"{total or (config.trials if config.tuner != 'hyperband' else 'hyperband')} trials "
+                       f"x <= {config.epochs} epochs"
                        + (f" ({done} already done)" if done else ""))
         self.trials_task = self.progress.add_task("trials", total=total, completed=done)
         self.epoch_task = self.progress.add_task("epochs", total=config.epochs)
@@ -325,12 +328,14 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
         seed=seed, val_fraction=val_fraction, folds=folds, contrast_stretch=contrast_stretch,
         augmentation={"symmetries": symmetries, "rotation": rotation, "shift": shift, "zoom": zoom},
         weights=weights, weights_dir=weights_dir, keep_models=keep_models, tensorboard=tensorboard,
-        workers=workers, listen=listen, strategy=strategy, precision=precision,
+        ensemble=ensemble, workers=workers, listen=listen, strategy=strategy, precision=precision,
     )
     if resume:
         stored = _resumed_settings(run_dir, config)
         if stored is not None:
             config.trials, task = trials or stored.trials, stored.task
+            if click.get_current_context().get_parameter_source("ensemble") != ParameterSource.COMMANDLINE:
+                ensemble = stored.ensemble  # --no-ensemble at the start holds for the resume
     _check_ensemble_options(task, meta, min_sensitivity)
     _quiet_failed_trials()
     if run_dir is None:
@@ -395,8 +400,6 @@ def _resumed_settings(run_dir: Path, given):
     """The stored settings of the run to resume (None if there is none to resume), after
     refusing any option typed on the command line that would differ from them: a resumed
     run keeps its settings, and silently ignoring ``--task diagnosis`` would mislead."""
-    from click.core import ParameterSource
-
     from automammo.runs import Run
     from automammo.search import SearchConfig
 

@@ -145,12 +145,14 @@ def predict(bundle, inputs, baselines, out, batch_size):
 
 def _warn_bit_depth(b, dtypes) -> None:
     scales = {m.preprocessing.scale_max for m in b.members}
-    deep = any(np.dtype(d) == np.uint16 for d in dtypes)
     trained_deep = any(s > 255 for s in scales)
-    if trained_deep != deep:
+    # Any input of the other depth, even beside inputs of the right one.
+    other = sorted(d for d in set(dtypes) if (np.dtype(d) == np.uint16) != trained_deep)
+    if other:
+        some = "" if len(set(dtypes)) == len(other) else "some of "
         console(stderr=True).print(
             f"[yellow]warning[/yellow]: the bundle scales pixels by {max(scales):g} (its training data), "
-            f"but the inputs are {'/'.join(sorted(dtypes))}; predictions are only meaningful on "
+            f"but {some}the inputs are {'/'.join(other)}; predictions are only meaningful on "
             "data of the same bit depth")
 
 

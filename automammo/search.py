@@ -62,6 +62,7 @@ class SearchConfig:
     keep_models: int = 10
     max_consecutive_failures: int = 3
     tensorboard: bool = True
+    ensemble: bool = True  # the CLI's stage after the search; a resumed run keeps the choice
     workers: int = 0
     listen: str | None = None
     strategy: str = "default"
@@ -279,6 +280,11 @@ def _make_tuner_class(base):
             name, own = builder_hyperparameters(trial.hyperparameters.values)
             pair = self.builders_by_name[name].inputs == "pair"
             seed = self.config.seed * 1000 + int(hashlib.md5(trial.trial_id.encode()).hexdigest(), 16) % 1000
+            values = trial.hyperparameters.values
+            if "tuner/epochs" in values:
+                # Hyperband's budget for this trial, which its own run_trial (replaced by this
+                # one) would set: train to tuner/epochs, continuing from tuner/initial_epoch.
+                kwargs["epochs"], kwargs["initial_epoch"] = values["tuner/epochs"], values["tuner/initial_epoch"]
             epochs = kwargs.get("epochs", self.config.epochs)
             extra = self._extra.setdefault(trial.trial_id, {"start": time.time(), "folds": [], "epoch_indices": [],
                                                             "warmup": self._warmup(epochs)})

@@ -178,7 +178,12 @@ def read_cases(path: Path, kind: str, split: str, skipped: PatchCollector) -> li
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             header = reader.fieldnames or []
-            rows = [(reader.line_num, row) for row in reader]
+            # The line where each row starts: the release quotes paths that end in a line
+            # break, so a row can span lines, and line_num is where it ended.
+            rows, ended = [], reader.line_num
+            for row in reader:
+                rows.append((ended + 1, row))
+                ended = reader.line_num
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read CSV ({type(exc).__name__}: {exc})") from None
     columns = {_norm(c): c for c in header if c is not None}
@@ -485,8 +490,9 @@ def import_cbis(
     # test set is what results are compared on), their training lesions go.
     test_patients = {cs.patient for cs in cases if cs.split == "test"}
     overlap = {cs.patient for cs in cases if cs.split == "train"} & test_patients
-    if overlap:
-        c.note("patients with lesions in both official splits (their training lesions left out)", len(overlap))
+    left_out = {cs.patient for i, cs in enumerate(cases) if i in selected and cs.split == "train"} & overlap
+    if left_out:
+        c.note("patients with lesions in both official splits (their training lesions left out)", len(left_out))
 
     films: dict[tuple, list[int]] = defaultdict(list)
     for i, case in enumerate(cases):

@@ -278,7 +278,8 @@ def import_folder(
         return f"file:{anchor}"  # each lesion (with its baseline) its own patient
 
     if patients is None and pattern is None and not pair_patient:
-        c.note("no patient ids given: each lesion and its baseline counted as one patient")
+        c.note("lesions without a patient id (no --pairs, --patients or --patient-pattern): each is its own "
+               "patient, with its baseline if paired", sum(1 for _, label, _ in entries if label))
 
     # Read every image; sizes are checked before anything is resized or written.
     pixels: dict[str, np.ndarray] = {}

@@ -177,3 +177,16 @@ def test_ensemble_by_minimum_sensitivity_shows_specificity_once(shared, tmp_path
     header = next(line for line in result.output.splitlines() if "meta-learner" in line and "┃" in line)
     assert header.count("specificity") == 1 and header.count("sensitivity") == 1, header
     assert "highest specificity with sensitivity >= 0.9" in result.output
+
+
+def test_inputs_of_another_bit_depth_are_flagged_even_beside_inputs_of_the_right_one(capsys):
+    from types import SimpleNamespace
+
+    from automammo.cli_bundle import _warn_bit_depth
+
+    deep = SimpleNamespace(members=[SimpleNamespace(preprocessing=SimpleNamespace(scale_max=4095.0))])
+    _warn_bit_depth(deep, {"uint16"})
+    assert capsys.readouterr().err == ""
+    _warn_bit_depth(deep, {"uint16", "uint8"})
+    assert "scales pixels by 4095 (its training data), but some of the inputs are uint8" in \
+        " ".join(capsys.readouterr().err.split())

@@ -225,6 +225,19 @@ def test_a_row_shorter_than_the_header_is_counted_as_such(tmp_path):
     assert "row shorter than the header: 1" in result.output and "3 of 14 fields" in result.output
 
 
+def test_skipped_rows_are_named_by_the_line_they_start_on(tmp_path):
+    build(tmp_path / "download")
+    csv_path = tmp_path / "download" / cbis.CSV_FILES[("mass", "train")]
+    first = len(csv_path.read_text().splitlines()) + 1
+    with open(csv_path, "a", newline="") as fh:
+        # Quoted paths that end in a line break, as in the release: a row spans two lines.
+        fh.write('P_00010,3,LEFT,CC,1,blob,OVAL,CIRCUMSCRIBED,4,BENIGN,3,"a.dcm\n","b.dcm\n","c.dcm\n"\n')
+        fh.write('P_00011,3,LEFT,CC,1,blob,OVAL,CIRCUMSCRIBED,4,BENIGN,3,a.dcm,b.dcm,c.dcm\n')
+    result = run([tmp_path / "download", tmp_path / "out.npz", "--size", "48"])
+    assert result.exit_code == 0, result.output
+    assert f"line {first}: 'blob'" in result.output and f"line {first + 4}: 'blob'" in result.output
+
+
 def test_patient_in_both_official_splits(tmp_path):
     build(tmp_path / "d", overlap=True)
     ds = cbis.import_cbis(tmp_path / "d", tmp_path / "a.npz", size=48, echo=lambda *_: None)

@@ -122,6 +122,11 @@ def test_hyperband_continues_trials_with_their_optimizer_state(tmp_path, small_d
     assert continued and all(t["status"] == "COMPLETED" for t in trials)
     ids = {t["trial_id"] for t in trials}
     assert all(t["hyperparameters"]["tuner/trial_id"] in ids for t in continued)
+    # Each trial trains its Hyperband budget: from tuner/initial_epoch to tuner/epochs.
+    budgets = [(t["hyperparameters"]["tuner/initial_epoch"], t["hyperparameters"]["tuner/epochs"]) for t in trials]
+    assert [t["epochs"] for t in trials] == [last - first for first, last in budgets]
+    assert min(last for _, last in budgets) < 3 and all(first > 0 for first, _ in
+                                                        (budgets[trials.index(t)] for t in continued))
     skipped = [str(w.message) for w in caught if "Skipping variable loading" in str(w.message)]
     assert not skipped, skipped
 
@@ -236,7 +241,7 @@ def test_cli_ensemble_options_are_checked_before_the_search(tmp_path, small_data
 def test_cli_resume_refuses_other_settings_and_follows_moved_data(tmp_path, small_dataset):
     data, run_dir = tmp_path / "d.npz", tmp_path / "r"
     small_dataset.save(data)
-    run_search(_config(data, trials=1, epochs=1), run_dir)
+    run_search(_config(data, trials=1, epochs=1, ensemble=False), run_dir)  # as with --no-ensemble
     before = (run_dir / "trials.jsonl").read_text()
     refused = CliRunner().invoke(cli, ["search", "--run", str(run_dir), "--resume", "--task", "diagnosis",
                                        "--no-symmetries", "--builder", "scratch_cnn"])
@@ -248,10 +253,11 @@ def test_cli_resume_refuses_other_settings_and_follows_moved_data(tmp_path, smal
     assert (run_dir / "trials.jsonl").read_text() == before
     moved = tmp_path / "moved.npz"
     data.rename(moved)
-    result = CliRunner().invoke(cli, ["search", "--run", str(run_dir), "--resume", "--trials", "2", "--data", str(moved),
-                                      "--no-ensemble"])
+    result = CliRunner().invoke(cli, ["search", "--run", str(run_dir), "--resume", "--trials", "2", "--data", str(moved)])
     assert result.exit_code == 0, result.output
     assert len(Run(run_dir).trials()) == 2 and Run(run_dir).config()["data"] == str(moved)
+    # The run was started without the ensemble stage; resuming it does not add one.
+    assert not (tmp_path / "r.ammo").exists() and "bundle" not in result.output
 
 
 def test_cli_search_end_to_end(tmp_path, small_dataset_path):

@@ -15,6 +15,7 @@ What the importers need from a DICOM file is its pixels as acquired, nothing mor
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,7 +88,13 @@ def _open(path: str | os.PathLike, header_only: bool):
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a DICOM file")
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=header_only)
+        with warnings.catch_warnings():
+            # pydicom only warns when a file ends inside its pixel data, then returns what it
+            # read: that is a truncated file, said as such instead of "no pixel data".
+            warnings.filterwarnings("error", message=r"End of file reached", category=UserWarning)
+            return pydicom.dcmread(str(path), stop_before_pixels=header_only)
+    except UserWarning as exc:
+        raise DataError(f"{path}: truncated DICOM ({exc})") from None
     except InvalidDicomError:
         raise DataError(f"{path}: not a DICOM file (no DICM preamble)") from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged files

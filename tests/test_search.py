@@ -258,6 +258,7 @@ def test_cli_resume_refuses_other_settings_and_follows_moved_data(tmp_path, smal
     assert len(Run(run_dir).trials()) == 2 and Run(run_dir).config()["data"] == str(moved)
     # The run was started without the ensemble stage; resuming it does not add one.
     assert not (tmp_path / "r.ammo").exists() and "bundle" not in result.output
+    assert "continuing the tuner's saved state in" in result.output and "Reloading Tuner" not in result.output
 
 
 def test_cli_search_end_to_end(tmp_path, small_dataset_path):

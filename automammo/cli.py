@@ -236,7 +236,8 @@ class RichReporter:
         self.epoch_task = self.progress.add_task("epochs", total=config.epochs)
 
     def message(self, text):
-        self.con.print(f"[dim]{esc(text)}[/dim]")
+        # Soft-wrapped: a terminal wraps it for the eye, a log file keeps a URL whole.
+        self.con.print(f"[dim]{esc(text)}[/dim]", soft_wrap=True)
 
     def trial_begin(self, trial_id, builder, hp):
         self.progress.reset(self.epoch_task, description=esc(f"trial {trial_id} {builder}"))

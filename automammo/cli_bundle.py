@@ -143,17 +143,18 @@ def predict(bundle, inputs, baselines, out, batch_size):
     con.print(esc("decisions: " + ", ".join(f"{c} {n}" for c, n in counts.items()) + (f"; written to {out}" if out else "")))
 
 
-def _warn_bit_depth(b, dtypes) -> None:
+def _warn_bit_depth(b, dtypes) -> str | None:
     scales = {m.preprocessing.scale_max for m in b.members}
     trained_deep = any(s > 255 for s in scales)
     # Any input of the other depth, even beside inputs of the right one.
     other = sorted(d for d in set(dtypes) if (np.dtype(d) == np.uint16) != trained_deep)
-    if other:
-        some = "" if len(set(dtypes)) == len(other) else "some of "
-        console(stderr=True).print(
-            f"[yellow]warning[/yellow]: the bundle scales pixels by {max(scales):g} (its training data), "
-            f"but {some}the inputs are {'/'.join(other)}; predictions are only meaningful on "
-            "data of the same bit depth")
+    if not other:
+        return None
+    some = "" if len(set(dtypes)) == len(other) else "some of "
+    text = (f"the bundle scales pixels by {max(scales):g} (its training data), but {some}the inputs are "
+            f"{'/'.join(other)}; predictions are only meaningful on data of the same bit depth")
+    console(stderr=True).print(f"[yellow]warning[/yellow]: {esc(text)}")
+    return text
 
 
 @click.command()
@@ -170,7 +171,8 @@ def evaluate(bundle, data_path, replicates, seed, as_json):
 
     b = Bundle.load(bundle)
     report = evaluate_bundle(b, data_path, replicates, seed)
-    _warn_bit_depth(b, {report["dtype"]})
+    mismatch = _warn_bit_depth(b, {report["dtype"]})
+    report["warnings"] = [mismatch] if mismatch else []
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

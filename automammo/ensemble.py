@@ -228,13 +228,18 @@ def _raw_inputs(ds: Dataset, rows: np.ndarray, pair: bool):
 
 def make_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int):
     """(other positions, fold positions) pairs, grouped by patient, stratified by class."""
-    counts = np.bincount(y)
-    counts = counts[counts > 0]
-    k = int(min(k, len(np.unique(groups)), counts.min()))
-    if k < 2:
-        raise DataError(f"the stacking rows hold {len(y)} samples of {len(np.unique(groups))} patients and "
-                        f"as few as {counts.min()} of a class: too few to cross-validate a meta-learner")
-    return grouped_folds(y, groups, k, seed)
+    classes = np.unique(y)
+    # Patients, not samples, bound the folds: a fold holds whole patients, and every
+    # learner needs both classes in the part it is fitted on.
+    per_class = min(len(np.unique(groups[y == c])) for c in classes)
+    k = int(min(k, len(np.unique(groups)), per_class))
+    while k >= 2:
+        folds = grouped_folds(y, groups, k, seed)
+        if all(len(np.unique(y[others])) == len(classes) for others, _ in folds):
+            return folds
+        k -= 1
+    raise DataError(f"the stacking rows hold {len(y)} samples of {len(np.unique(groups))} patients, and as few "
+                    f"as {per_class} patients have a class: too few to cross-validate a meta-learner")
 
 
 def out_of_fold(cls, X, y, folds, n_classes: int, seed: int) -> np.ndarray:

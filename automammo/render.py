@@ -425,11 +425,13 @@ def _validation_model(model: dict, objective: str, con: Console) -> None:
                   style="bold" if name == objective else None)
     con.print(t)
     u = _table("Each training", "epochs = best/ran; fit and held out = samples")
-    for name in ("repeat", "fold", "seed", "fit", "held out", "epochs", objective, "auc", "seconds"):
+    auc = objective != "auc"  # else the objective column already is the AUC
+    for name in ("repeat", "fold", "seed", "fit", "held out", "epochs", objective, *(["auc"] if auc else []),
+                 "seconds"):
         u.add_column(name, justify="right", no_wrap=True)
     for unit in units:
         s = unit["scores"]
         u.add_row(str(unit["repeat"]), fmt(unit["fold"]), str(unit["seed"]), str(unit["n_fit"]),
                   str(unit["n_validation"]), f"{unit['best_epoch']}/{unit['epochs']}", fmt(s.get(objective)),
-                  fmt(s.get("auc")), fmt(unit["seconds"], 0))
+                  *([fmt(s.get("auc"))] if auc else []), fmt(unit["seconds"], 0))
     con.print(u)

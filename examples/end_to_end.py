@@ -46,7 +46,8 @@ def main(argv=None) -> dict:
                                      builders=args.builder or ["scratch_cnn", "siamese"],
                                      trials=args.trials, epochs=args.epochs, tensorboard=False),
                         out / "run", overwrite=True)
-    console.print(f"best trial {result.best['trial_id']} ({result.best['builder']}): f2 {result.best['score']:.3f}")
+    label = result.best.get("score_key", "f2").replace("_best", " at its best threshold")
+    console.print(f"best trial {result.best['trial_id']} ({result.best['builder']}): {label} {result.best['score']:.3f}")
 
     # 3. Ensemble: stack the best trials, cross-validate the meta-learner and the threshold.
     made = ensemble_and_export([result.run_dir], out / "model.ammo", top=3)

@@ -194,6 +194,11 @@ def import_arrays(
     split = split.lower()
     if split not in ("train", "test"):
         raise DataError(f"--split must be train or test, got {split!r}")
+    if split == "test" and test is not None:
+        # Both files would be test data with the same default patient ids (test-pair-000000 ...):
+        # unrelated pairs would be merged into one patient.
+        raise DataError("--split test makes the first arrays test data; --test adds test arrays to training "
+                        "arrays: use one or the other")
     if test_fraction and (split == "test" or test is not None):
         raise DataError("--test-fraction holds out part of a training file; it cannot be combined "
                         "with --split test or --test")
@@ -214,6 +219,8 @@ def import_arrays(
     shape = None
     for k, (imgs, labs, iw, lw, part_split) in enumerate(parts):
         x = _images(imgs, iw)
+        if np.issubdtype(np.asarray(imgs).dtype, np.floating):
+            c.note(f"float pixels stored as {x.dtype} ({iw}; see the conversion rules in docs/data.md)", len(x))
         y = _labels(labs, len(x), lw)
         if shape is not None and x.shape[1:] != shape:
             raise DataError(f"{iw}: images of {x.shape[1]}x{x.shape[2]} px, but the training "

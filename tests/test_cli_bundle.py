@@ -158,6 +158,10 @@ def test_evaluate_flags_data_of_another_bit_depth(shared, tmp_path):
     result = CliRunner().invoke(cli, ["evaluate", str(shared[2]), "--data", str(deep), "--replicates", "100"])
     assert result.exit_code == 0, result.output
     assert "the bundle scales pixels by 255" in result.output and "uint16" in result.output
+    as_json = CliRunner().invoke(cli, ["evaluate", str(shared[2]), "--data", str(deep), "--replicates", "100",
+                                       "--json"])
+    report = json.loads(as_json.stdout)
+    assert report["dtype"] == "uint16" and "scales pixels by 255" in report["warnings"][0]
 
 
 def test_evaluate_needs_a_test_split(shared, tmp_path):

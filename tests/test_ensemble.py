@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 from _fixtures_bundle import finished_run
 from automammo import registry
 from automammo.dataset import load as load_dataset
-from automammo.ensemble import Candidate, ensemble_and_export, select_members, stacking_rows
+from automammo.ensemble import Candidate, ensemble_and_export, make_folds, select_members, stacking_rows
 from automammo.errors import AutomammoError, RunError
 from automammo.evaluation import (ThresholdRule, _weighted_auc, candidate_thresholds, clinical_metrics,
                                   cross_validated_decisions, min_sensitivity_threshold)
@@ -161,6 +161,22 @@ def test_diverse_takes_each_builders_best_before_any_second_best():
     diverse = [c.trial_id for c, _ in select_members(ranked, 4, diverse=True)]
     assert plain == ["0", "1", "2"]
     assert diverse == ["0", "2", "4", "1"]
+
+
+def test_meta_learner_folds_count_patients_per_class_not_samples():
+    from automammo.errors import DataError
+
+    # Three malignant rows, all of one patient: no fold split can fit on both classes.
+    y = np.array([0, 0, 1, 1, 1, 0])
+    groups = np.array(["a", "b", "c", "c", "c", "d"])
+    with pytest.raises(DataError, match="as few as 1 patients have a class: too few to cross-validate"):
+        make_folds(y, groups, 5, seed=0)
+    # Two patients per class: two folds, each fitted on both classes.
+    groups = np.array(["a", "b", "c", "c", "e", "b"])
+    folds = make_folds(y, groups, 5, seed=0)
+    assert len(folds) == 2 and all(set(y[others]) == {0, 1} for others, _ in folds)
+    for others, fold in folds:
+        assert not set(groups[others]) & set(groups[fold])
 
 
 def test_stacking_rows_are_those_every_run_held_out():

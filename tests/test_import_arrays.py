@@ -65,9 +65,12 @@ def test_fractional_0_255_floats_become_uint16(tmp_path):
     xf = x.astype(np.float32) + 0.5
     xf[xf > 255] = 255
     xi, yi = save(tmp_path, xf, y)
-    ds = course_arrays.import_arrays([xi, yi], tmp_path / "o.npz", echo=lambda *_: None)
+    said = []
+    ds = course_arrays.import_arrays([xi, yi], tmp_path / "o.npz", echo=said.append)
     assert ds.x.dtype == np.uint16
     assert np.array_equal(ds.x, np.rint(xf.astype(np.float64) * 257).astype(np.uint16))
+    # The conversion is said in the summary, like the other conversions importers make.
+    assert any(f"float pixels stored as uint16 ({xi}" in line for line in said), said
 
 
 def test_nan_pixels_are_refused_and_nothing_written(tmp_path):
@@ -167,6 +170,10 @@ def test_npz_input_and_official_test_arrays(tmp_path):
     assert len(ds) == 16 and (ds.split == "test").sum() == 4
     assert np.array_equal(ds.x[12:], tx[..., 0])
     assert not set(ds.patient[ds.split == "test"]) & set(ds.patient[ds.split == "train"])
+    # Two sets of test arrays would share default patient ids: refused, nothing written.
+    result = invoke(both, tmp_path / "o4.npz", "--split", "test", "--test", txi, tyi)
+    assert isinstance(result.exception, DataError) and "use one or the other" in str(result.exception)
+    assert not (tmp_path / "o4.npz").exists()
     anon = tmp_path / "anon.npz"
     np.savez(anon, x, y)  # arr_0, arr_1
     ds = course_arrays.import_arrays([anon], tmp_path / "o3.npz", echo=lambda *_: None)

@@ -386,15 +386,12 @@ def search(data_path, task, objective, builders, tuner, trials, epochs, patience
         sys.exit(1)
 
 
-# What a resumed run keeps from its start: the search option, its SearchConfig field.
-_KEPT_ON_RESUME = {
-    "task": "task", "objective": "objective", "builders": "builders", "tuner": "tuner", "epochs": "epochs",
-    "patience": "patience", "image_size": "image_size", "val_fraction": "val_fraction", "folds": "folds",
-    "seed": "seed", "contrast_stretch": "contrast_stretch", "symmetries": "augmentation.symmetries",
-    "rotation": "augmentation.rotation", "shift": "augmentation.shift", "zoom": "augmentation.zoom",
-    "weights": "weights", "weights_dir": "weights_dir", "keep_models": "keep_models",
-    "tensorboard": "tensorboard", "strategy": "strategy", "precision": "precision",
-}
+# Options a resumed run keeps from its start: SearchConfig fields of the same name, the
+# augmentation ones inside its augmentation dict.
+_KEPT_ON_RESUME = ("task", "objective", "builders", "tuner", "epochs", "patience", "image_size", "val_fraction",
+                   "folds", "seed", "contrast_stretch", "weights", "weights_dir", "keep_models", "tensorboard",
+                   "strategy", "precision")
+_AUGMENTATION = ("symmetries", "rotation", "shift", "zoom")
 
 
 def _resumed_settings(run_dir: Path, given):
@@ -410,14 +407,13 @@ def _resumed_settings(run_dir: Path, given):
     stored = SearchConfig.from_dict(run.config().get("search", {}))
     ctx = click.get_current_context()
     changed = []
-    for param, name in _KEPT_ON_RESUME.items():
+    for param in (*_KEPT_ON_RESUME, *_AUGMENTATION):
         if ctx.get_parameter_source(param) != ParameterSource.COMMANDLINE:
             continue
-        mine, theirs = given, stored
-        for part in name.split("."):
-            mine = mine[part] if isinstance(mine, dict) else getattr(mine, part)
-            theirs = theirs.get(part) if isinstance(theirs, dict) else getattr(theirs, part)
-        mine = list(mine) if isinstance(mine, tuple) else mine
+        if param in _AUGMENTATION:
+            mine, theirs = given.augmentation[param], stored.augmentation.get(param)
+        else:
+            mine, theirs = getattr(given, param), getattr(stored, param)
         if mine != theirs:
             option = "--builder" if param == "builders" else "--" + param.replace("_", "-")
             changed.append(f"{option} {_setting(mine)} (the run's: {_setting(theirs)})")

@@ -133,7 +133,8 @@ class _PluginHost:
                 name = getattr(item, "name", None)
                 if not isinstance(name, str) or not name:
                     # Reported and skipped, like a hook that raises: the rest keep working.
-                    self._fail(package, where, PluginError(f"registered {'an' if kind[0] in 'aeiou' else 'a'} {kind} without a name: {item!r}"))
+                    article = "an" if kind[0] in "aeiou" else "a"
+                    self._fail(package, where, PluginError(f"registered {article} {kind} without a name: {item!r}"))
                     continue
                 if name in found:
                     first = found[name]

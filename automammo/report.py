@@ -154,9 +154,10 @@ def _load_data(path, fingerprint: str | None, warnings: list[str], given: bool =
             raise
         warnings.append(f"dataset unavailable ({exc}); pass --data to show patches and group by patient")
         return None
-    if fingerprint and ds.fingerprint() != fingerprint and given:
-        raise DataError(f"{path}: not the dataset this was built on (fingerprint differs); --data needs the original")
     if fingerprint and ds.fingerprint() != fingerprint:
+        if given:
+            raise DataError(f"{path}: not the dataset this was built on (fingerprint differs); "
+                            "--data needs the original")
         warnings.append(f"{path} is not the dataset this was built on (fingerprint differs); "
                         "patches and patient grouping are not shown; pass --data with the original")
         return None

@@ -763,8 +763,8 @@ def run_search(config: SearchConfig | None, run_dir, resume: bool = False, overw
         if "consecutive failures" not in str(exc):
             raise
         failed = [t for t in run.trials() if t.get("status") != "COMPLETED"][-config.max_consecutive_failures:]
-        reasons = "; ".join(sorted({f"{t['builder']}: {t.get('error')}" for t in failed}))
-        stopped = f"stopped after {config.max_consecutive_failures} consecutive failed trials ({reasons})"
+        stopped = (f"stopped after {config.max_consecutive_failures} consecutive failed trials "
+                   f"({_failure_reasons(failed)})")
     result = finish(run, objective)
     ended = _how_it_ended(result, config, objective, stopped)
     if ended["note"]:
@@ -794,16 +794,20 @@ def _how_it_ended(result: "SearchResult", config: SearchConfig, objective, stopp
     if stopped:
         message = stopped
     elif not completed:
-        reasons = "; ".join(sorted({f"{t.get('builder')}: {t.get('error')}" for t in records})) or "no trial ran"
-        message = f"no trial completed ({reasons})"
+        message = f"no trial completed ({_failure_reasons(records) or 'no trial ran'})"
     elif result.best is None:
         message = (f"no trial has a score: objective {objective.name} gave no finite value on the validation "
                    f"data in {len(completed)} completed trials")
     else:
         message = ""
-    return {"state": "stopped" if message else "finished", "message": message or note, "note": note,
+    return {"state": "stopped" if message else "finished", "message": message, "note": note,
             "trials": len(records), "completed": len(completed),
             "ended": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _failure_reasons(records: list[dict]) -> str:
+    """Each distinct ``builder: error`` of failed trials, once, in a stable order."""
+    return "; ".join(sorted({f"{t.get('builder')}: {t.get('error')}" for t in records}))
 
 
 @contextlib.contextmanager

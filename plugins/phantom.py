@@ -13,6 +13,7 @@ import click
 import numpy as np
 
 from automammo import hookimpl
+from automammo.dataset import check_out_path
 from automammo.errors import DataError
 from automammo.importers import Importer
 from automammo.phantom import synthesize
@@ -38,8 +39,10 @@ from automammo.phantom import synthesize
 def synth(out: Path, lesions: int, size: int, difficulty: float, seed: int, test_fraction: float,
           calc_fraction: float, malignant_fraction: float) -> None:
     """Write the phantom to OUT (atomically) and print a one-line summary."""
-    if out.suffix.lower() != ".npz":
-        raise click.BadParameter(f"{out}: the dataset file must end in .npz", param_hint="OUT")
+    try:
+        check_out_path(out)
+    except DataError as exc:
+        raise click.BadParameter(str(exc), param_hint="OUT") from None
     ds = synthesize(n_lesions=lesions, size=size, difficulty=difficulty, seed=seed,
                     test_fraction=test_fraction, calc_fraction=calc_fraction,
                     malignant_fraction=malignant_fraction)
